@@ -87,6 +87,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return run_benchmarks(args.spec, names=args.benchmark, output=args.output)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import logging
+
+    from bertforge.config import config_from_args
+    from bertforge.train.loop import pretrain
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = pretrain(config_from_args(args))
+    if result.history:
+        print(f"pretrain: {result.steps} steps; last-10 mean mlm_acc {result.last_mean('mlm_acc'):.3f}, "
+              f"nsp_acc {result.last_mean('nsp_acc'):.3f}; checkpoint {result.final_checkpoint}")
+    if result.eval:
+        print(f"pretrain: held-out mlm_acc {result.eval['mlm_acc']:.3f}, nsp_acc "
+              f"{result.eval['nsp_acc']:.3f} over {int(result.eval['records'])} records")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from bertforge.demo import run_demo
     return run_demo(args.output_dir, workers=args.workers)
@@ -94,7 +110,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bertforge", description=__doc__.splitlines()[0])
+    from bertforge.config import DidYouMeanParser
+    parser = DidYouMeanParser(prog="bertforge", description="BERT pre-training (MLM + NSP) and "
+                              "SQuAD fine-tuning on CPUs and NVIDIA GPUs, from a raw Wikipedia dump.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     wiki = sub.add_parser("wiki", help="download, extract and preprocess a Wikipedia dump")
@@ -159,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", action="append", default=None, help="entry name (repeatable)")
     p.add_argument("--output", type=Path, default=Path("benchmark-results.json"))
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP); torchrun for many processes")
+    from bertforge.config import add_config_arguments
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="the main job on the embedded Wikipedia sample")
     p.add_argument("--output-dir", type=Path, default=Path("demo-output"))

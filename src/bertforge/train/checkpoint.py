@@ -1,0 +1,118 @@
+"""Checkpoints that describe themselves and never look complete when they are not.
+
+`<run>/step_<N>/` holds: the Hugging Face `save_pretrained` output (model.safetensors +
+config.json, loadable by `transformers.BertForPreTraining.from_pretrained`), the tokenizer
+files (so SQuAD and serving need no extra flag), `bertforge_config.json` (the resolved run
+config) and `training_state.pt` (step, batches consumed, optimizer, schedule, grad scaler,
+RNG states, last metrics). A checkpoint is written into a hidden temporary directory and
+renamed into place: a kill during a save leaves a `.tmp-*` folder, never a `step_<N>`.
+Training state holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: no arbitrary unpickling.
+
+Finding a checkpoint sorts step directories by number (the reference sorted names as text,
+so step_9 beat step_10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"step_(\d+)")
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "bertforge_config.json"
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Complete step directories of a run, in numeric order."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in run_dir.iterdir()
+             if d.is_dir() and (m := STEP_DIR.fullmatch(d.name)) and (d / "config.json").exists()]
+    return [d for _, d in sorted(found)]
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path | str:
+    """A step directory, a run directory (its latest step) or an HF directory; else a hub name."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        steps = step_dirs(path)
+        if steps:
+            return steps[-1]
+        raise ValueError(f"--checkpoint-input-dir {path}: no config.json and no step_<N>/ checkpoint "
+                         "inside; give a step directory, a run directory or a Hugging Face model name")
+    if path.exists():
+        raise ValueError(f"--checkpoint-input-dir {path} is a file; give a checkpoint directory")
+    if str(path_or_name).startswith((".", "/", "~")):
+        raise ValueError(f"--checkpoint-input-dir {path}: no such directory")
+    return str(path_or_name)  # a hub name such as bert-base-uncased, resolved by transformers
+
+
+def refuse_existing_run(run_dir: Path, resuming: bool) -> None:
+    if step_dirs(run_dir) and not resuming:
+        raise ValueError(f"{run_dir} already holds checkpoints ({step_dirs(run_dir)[-1].name}); "
+                         "pass --resume-training-from-checkpoint to continue that run, or choose "
+                         "another --checkpoint-output-dir")
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_state: dict[str, Any],
+                    config: dict[str, Any], tokenizer_dir: Path | None = None) -> Path:
+    """Write `<run_dir>/step_<step>` atomically and return it."""
+    final = run_dir / f"step_{step}"
+    tmp = run_dir / f".tmp-step_{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.config.architectures = ["BertForPreTraining"]
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_dir is not None:
+            for item in tokenizer_dir.iterdir():
+                shutil.copy2(item, tmp / item.name)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+        torch.save(training_state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def load_training_state(step_dir: Path) -> dict[str, Any]:
+    path = step_dir / STATE_FILE
+    if not path.exists():
+        raise ValueError(f"{step_dir} has no {STATE_FILE}: it is a model-only checkpoint; drop "
+                         "--resume-training-from-checkpoint to start a new run from its weights")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,61 @@
+"""Where training numbers go: the reference's per-step line, JSON lines, TensorBoard, wandb.
+
+The step line keeps the reference's format so its users' log parsers and our benchmark regexes
+(`throughput: *(.*?) samples/sec`) keep working; accuracies are fractions 0..1 as the reference
+printed them. Beyond the reference we also report real (non-padding) tokens/s, which is the
+honest speed measure once packing removes padding. Only rank 0 builds a MetricsLogger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bertforge")
+
+
+def format_step_line(step: int, total_steps: int, m: dict[str, float]) -> str:
+    """`Step: s / T-1 - LR: ... - nsp_acc: x % throughput: X samples/sec` (reference format)."""
+    return (f"Step: {step} / {total_steps - 1} - LR: {m['lr']:.3e} - total loss: {m['loss']:.3f}"
+            f" - mlm_loss: {m['mlm_loss']:.3f} - nsp_loss: {m['nsp_loss']:.3f}"
+            f" - mlm_acc: {m['mlm_acc']:.3f} % - nsp_acc: {m['nsp_acc']:.3f} %"
+            f" throughput: {m['samples_per_s']:.1f} samples/sec"
+            f" - real tokens/s: {m['real_tokens_per_s']:.0f}")
+
+
+class MetricsLogger:
+    """JSON lines at `<run>/metrics.jsonl` + TensorBoard events at `<run>/tensorboard`, optional wandb."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb_project: str | None = None,
+                 wandb_config: dict[str, Any] | None = None, resume: bool = False):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("--wandb needs the wandb package: pip install 'bertforge[wandb]'") from err
+            self._wandb = wandb.init(project=wandb_project, config=wandb_config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        record = {"step": step, "split": prefix, **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(f"{prefix}/{name}", float(value), step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,55 @@
+"""Shared pytest fixtures: the real Wikipedia sample, extracted and preprocessed once per session.
+
+The sample is the real English dump excerpt shipped in the gensim 4.4.0 wheel (206 pages ->
+106 articles, ~2.6 MB of text, ~20k sentences). `make test` runs `bertforge sample fetch`
+before pytest, so here it must already be in the cache: tests never reach the network.
+WikiExtractor on it takes ~2-4 s on this 2-core machine, so extract and preprocess run once
+per session (session-scoped fixtures) and every test module shares their output directories.
+Tests must treat those directories as read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before any bertforge/transformers import: no progress bars in CI logs, and a test
+# that reaches for the Hugging Face hub fails at once instead of hanging on the network.
+os.environ["BERTFORGE_NO_PROGRESS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def wiki_sample() -> Path:
+    """Path of the cached real dump excerpt (.xml.bz2); fails clearly if it was never fetched."""
+    from bertforge.data.sample import SAMPLE_NAME, SAMPLE_SIZE, default_cache_dir
+
+    path = default_cache_dir() / SAMPLE_NAME
+    if not path.is_file() or path.stat().st_size != SAMPLE_SIZE:
+        pytest.fail(f"the Wikipedia sample is not in the cache ({path}); run "
+                    "`bertforge sample fetch` once (needs PyPI) before the tests", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def extracted_sample(wiki_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of WikiExtractor output (AA/wiki_00, ...) of the sample; read-only for tests."""
+    from bertforge.data.wiki import extract
+
+    out = tmp_path_factory.mktemp("extracted")
+    extract(wiki_sample, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def preprocessed_sample(extracted_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of preprocessed text of the sample (one sentence per line, blank line between
+    documents, mirroring AA/wiki_00 -> AA/wiki_00.txt); read-only for tests."""
+    from bertforge.data.wiki import preprocess
+
+    out = tmp_path_factory.mktemp("preprocessed")
+    preprocess(extracted_sample, out, workers=2)
+    return out

@@ -1,0 +1,237 @@
+"""Optimizers and LR schedules: LAMB against the published formula, the reference's parameter
+groups, foreach vs per-tensor agreement, exact state round trips, schedule values."""
+
+from __future__ import annotations
+
+import io
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bertforge.train.optim import LAMB, build_optimizer, parameter_groups
+from bertforge.train.schedule import build_scheduler
+
+
+def section(optimizer: str, **kw) -> SimpleNamespace:
+    values = dict(optimizer=optimizer, learning_rate=0.1, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-6)
+    values.update(kw)
+    return SimpleNamespace(**values)
+
+
+def lamb_by_hand(x, grads, *, lr, b1, b2, eps, wd, bias_correction, trust_ratio=True):
+    """Algorithm 2 of You et al. 2019 (phi = identity) on plain Python floats."""
+    m, v = [0.0] * len(x), [0.0] * len(x)
+    x = list(x)
+    for t, g in enumerate(grads, start=1):
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+        mh = [mi / (1 - b1 ** t) for mi in m] if bias_correction else m
+        vh = [vi / (1 - b2 ** t) for vi in v] if bias_correction else v
+        u = [a / (math.sqrt(b) + eps) + wd * xi for a, b, xi in zip(mh, vh, x)]
+        x_norm = math.sqrt(sum(xi * xi for xi in x))
+        u_norm = math.sqrt(sum(ui * ui for ui in u))
+        r = x_norm / u_norm if (trust_ratio and x_norm > 0 and u_norm > 0) else 1.0
+        x = [xi - lr * r * ui for xi, ui in zip(x, u)]
+    return x
+
+
+X0 = [3.0, -4.0, 0.5, 1.5]
+GRADS = [[0.1, -0.2, 0.05, 0.0], [-0.3, 0.1, 0.2, 0.4]]
+
+
+def run_lamb(bias_correction: bool, foreach: bool, *, trust_ratio=True, wd=0.01, x0=X0, grads=GRADS):
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    opt = LAMB([{"params": [x], "trust_ratio": trust_ratio}], lr=0.1, betas=(0.9, 0.999), eps=1e-6,
+               weight_decay=wd, bias_correction=bias_correction, foreach=foreach)
+    for g in grads:
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    return x.detach().tolist()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_two_steps_match_published_formula(bias_correction, foreach):
+    got = run_lamb(bias_correction, foreach)
+    expected = lamb_by_hand(X0, GRADS, lr=0.1, b1=0.9, b2=0.999, eps=1e-6, wd=0.01,
+                            bias_correction=bias_correction)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # The two variants really differ (else this test could not tell them apart).
+    other = lamb_by_hand(X0, GRADS, lr=0.1, b1=0.9, b2=0.999, eps=1e-6, wd=0.01,
+                         bias_correction=not bias_correction)
+    assert max(abs(a - b) for a, b in zip(got, other)) > 1e-4
+
+
+def test_lamb_first_step_by_hand():
+    # x = [3, 4] (norm 5), g = [0.1, -0.2], wd 0.01: m_hat = g, v_hat = g^2, so
+    # u = g / (|g| + 1e-6) + 0.01 x and the step has length lr * ||x|| = 0.5 exactly.
+    got = run_lamb(True, True, x0=[3.0, 4.0], grads=[[0.1, -0.2]])
+    u = [0.1 / (0.1 + 1e-6) + 0.03, -0.2 / (0.2 + 1e-6) + 0.04]
+    r = 5.0 / math.hypot(*u)
+    assert got == pytest.approx([3.0 - 0.1 * r * u[0], 4.0 - 0.1 * r * u[1]], rel=1e-12)
+    assert math.hypot(got[0] - 3.0, got[1] - 4.0) == pytest.approx(0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lamb_without_trust_ratio_and_zero_norm_cases(foreach):
+    got = run_lamb(True, foreach, trust_ratio=False, wd=0.0, x0=[1.0, 1.0], grads=[[0.5, -0.5]])
+    assert got == pytest.approx([1.0 - 0.1 * 0.5 / (0.5 + 1e-6), 1.0 + 0.1 * 0.5 / (0.5 + 1e-6)], rel=1e-12)
+    # ||x|| = 0 (a fresh zero bias in a trust-ratio group): ratio falls back to 1, no NaN.
+    zero = run_lamb(True, foreach, wd=0.0, x0=[0.0, 0.0], grads=[[0.5, -0.5]])
+    assert zero == pytest.approx([-0.1 * 0.5 / (0.5 + 1e-6), 0.1 * 0.5 / (0.5 + 1e-6)], rel=1e-12)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 6)
+        self.dense = torch.nn.Linear(6, 6)
+        self.LayerNorm = torch.nn.LayerNorm(6)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(self.LayerNorm(torch.relu(self.dense(self.embed(ids))))).square().mean()
+
+
+def test_parameter_groups_follow_the_reference():
+    net = TinyNet()
+    groups = parameter_groups(net, 0.01)
+    names = {id(p): n for n, p in net.named_parameters()}
+    by = [({names[id(p)] for p in g["params"]}, g["weight_decay"], g["trust_ratio"]) for g in groups]
+    assert by == [({"embed.weight", "dense.weight", "out.weight"}, 0.01, True),
+                  ({"LayerNorm.weight"}, 0.0, True),
+                  ({"dense.bias", "LayerNorm.bias", "out.bias"}, 0.0, False)]
+
+
+def test_lamb_bias_group_has_no_trust_ratio_and_no_weight_decay():
+    torch.manual_seed(0)
+    net = TinyNet()
+    with torch.no_grad():
+        net.LayerNorm.weight.mul_(1.5)
+        net.dense.bias.fill_(0.3)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = build_optimizer(net, section("LAMB", weight_decay=0.5))
+    net(torch.arange(8)).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.step()
+    for name, p in net.named_parameters():
+        x, g = before[name].tolist(), [grads[name].flatten().tolist()]
+        wd = 0.5 if p.ndim > 1 else 0.0
+        trust = not name.endswith("bias")
+        expected = lamb_by_hand(x if p.ndim == 1 else before[name].flatten().tolist(), g, lr=0.1, b1=0.9,
+                                b2=0.999, eps=1e-6, wd=wd, bias_correction=True, trust_ratio=trust)
+        assert p.detach().flatten().tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
+    # A bias step is lr * g/(|g|+eps): at most lr per element whatever the bias's own norm.
+    assert (net.dense.bias - before["dense.bias"]).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LAMBNoBiasCorrection"])
+def test_foreach_and_reference_lamb_agree(name):
+    # float64, so that the two paths' different rounding (lerp vs mul+add, ~1 ulp per step
+    # in fp32) stays far below the tolerance while any real formula difference does not.
+    torch.manual_seed(0)
+    nets = [TinyNet().double(), TinyNet().double()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer(n, section(name)) for n in nets]
+    for group in opts[1].param_groups:
+        group["foreach"] = False
+    for step in range(5):
+        ids = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(ids).backward()
+            opt.step()
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LAMBNoBiasCorrection", "AdamW"])
+def test_optimizer_state_round_trips_exactly(name):
+    def train(net, opt, steps):
+        for step in steps:
+            ids = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            net(ids).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    straight = TinyNet()
+    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    opt = build_optimizer(straight, section(name))
+    train(straight, opt, range(4))
+
+    resumed = TinyNet()
+    resumed.load_state_dict(start)
+    opt1 = build_optimizer(resumed, section(name))
+    train(resumed, opt1, range(2))
+    buf = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "optimizer": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = TinyNet()
+    fresh.load_state_dict(saved["model"])
+    opt2 = build_optimizer(fresh, section(name))
+    opt2.load_state_dict(saved["optimizer"])
+    train(fresh, opt2, range(2, 4))
+    for (n, a), b in zip(straight.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_adamw_uses_reference_eps_groups_and_foreach_on_cpu():
+    net = TinyNet()
+    opt = build_optimizer(net, section("AdamW", learning_rate=1e-3))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.0]
+    assert all(g["eps"] == 1e-6 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)
+    assert all("trust_ratio" not in g for g in opt.param_groups)
+
+
+def test_unknown_optimizer_names_the_choices():
+    with pytest.raises(ValueError, match="AdamW, LAMB, LAMBNoBiasCorrection"):
+        build_optimizer(TinyNet(), section("SGD"))
+
+
+def lrs(schedule: str, warmup: float, steps: int) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = build_scheduler(opt, schedule, warmup, steps)
+    out = []
+    for _ in range(steps + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    got = lrs("linear", 0.3, 10)  # warmup int(0.3 * 10) = 3 steps, then 7 of decay
+    expected = [0.0, 2 / 3, 4 / 3, 2.0] + [2.0 * (10 - s) / 7 for s in range(4, 11)]
+    assert got == pytest.approx(expected)
+    assert got[10] == 0.0
+
+
+def test_constant_schedule_with_and_without_warmup():
+    assert lrs("constant", 0.0, 5) == pytest.approx([2.0] * 6)
+    assert lrs("constant", 0.4, 5) == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+
+
+def test_schedule_state_round_trips_and_rejects_bad_input():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = build_scheduler(opt, "linear", 0.28, 100)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched2 = build_scheduler(opt2, "linear", 0.28, 100)
+    sched2.load_state_dict(sched.state_dict())
+    opt2.step()
+    sched2.step()
+    opt.step()
+    sched.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx((100 - 41) / 72)
+    with pytest.raises(ValueError, match="constant, linear"):
+        build_scheduler(opt, "cosine", 0.1, 10)
+    with pytest.raises(ValueError, match="lr_warmup"):
+        build_scheduler(opt, "linear", 1.5, 10)

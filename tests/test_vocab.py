@@ -1,0 +1,127 @@
+"""Tokenizer resolution (default vocab, --vocab-file, --tokenizer), agreement with
+transformers' BertTokenizerFast, checkpoint tokenizer files, and WordPiece vocab training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bertforge.cli import main
+from bertforge.data.vocab import (SPECIAL_TOKENS, default_vocab_file, load_tokenizer,
+                                  save_tokenizer_files, train_vocab)
+
+
+def test_default_vocab_is_bert_base_uncased():
+    tok = load_tokenizer()
+    assert tok.get_vocab_size() == 30522
+    assert tok.encode("Hello, world!").ids == [7592, 1010, 2088, 999]  # no [CLS]/[SEP] added
+    assert tok.encode("Héllo UNAFFABLE").tokens == ["hello", "una", "##ffa", "##ble"]
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 100, 101, 102, 103]
+
+
+def test_default_vocab_loads_without_transformers_or_torch():
+    code = ("import sys; from bertforge.data.vocab import load_tokenizer; load_tokenizer(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_agrees_with_transformers_bert_tokenizer(preprocessed_sample):
+    """The fast path (tokenizers parts, no transformers) against the reference tokenizer."""
+    from transformers import BertTokenizerFast
+
+    ref = BertTokenizerFast.from_pretrained(default_vocab_file().parent)
+    lines = (preprocessed_sample / "AA" / "wiki_01.txt").read_text(encoding="utf-8").split("\n")
+    lines = [line for line in lines if line][:3000] + ["Ünïcödé   ACCENTS, 東京 and tabs\t!"]
+    ours = [e.ids for e in load_tokenizer().encode_batch(lines)]
+    assert ours == ref(lines, add_special_tokens=False)["input_ids"]
+
+
+def test_vocab_file_and_case(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIAL_TOKENS, "hello", "Hello", "world", "##s", "!"]) + "\n")
+    assert load_tokenizer(vocab_file=vocab).encode("Hello worlds!").ids == [5, 7, 8, 9]
+    assert load_tokenizer(vocab_file=vocab, lower_case=False).encode("Hello worlds!").ids == \
+        [6, 7, 8, 9]
+    assert load_tokenizer(vocab_file=vocab).encode("unknown").ids == [1]
+
+
+def test_vocab_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-vocab.txt"):
+        load_tokenizer(vocab_file=tmp_path / "missing-vocab.txt")
+    no_mask = tmp_path / "no-mask.txt"
+    no_mask.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    with pytest.raises(ValueError, match=r"no-mask.txt has no \[MASK\]"):
+        load_tokenizer(vocab_file=no_mask)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_tokenizer(vocab_file=binary)
+    with pytest.raises(ValueError, match="not both"):
+        load_tokenizer(vocab_file=no_mask, name_or_path="bert-base-uncased")
+
+
+def test_cli_missing_vocab_file_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("bertforge.data.instances")  # the tokenize stage (another module)
+    missing = tmp_path / "missing-vocab.txt"
+    code = main(["tokenize", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                 "--vocab-file", str(missing)])
+    assert code == 2
+    assert "missing-vocab.txt" in capsys.readouterr().err
+
+
+def test_pretrained_tokenizer_from_local_folder():
+    tok = load_tokenizer(name_or_path=str(default_vocab_file().parent))
+    assert tok.encode("Hello, world!").ids == [7592, 1010, 2088, 999]
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        load_tokenizer(name_or_path="/no/such/tokenizer-folder")
+
+
+def test_save_tokenizer_files_loads_offline(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer_files(tmp_path / "uncased", model_max_length=128)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "uncased")
+    assert hf("Hello, world!")["input_ids"] == [101, 7592, 1010, 2088, 999, 102]
+    assert hf.model_max_length == 128
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join([*SPECIAL_TOKENS, "hello", "Hello"]) + "\n")
+    save_tokenizer_files(tmp_path / "cased", vocab_file=vocab, lower_case=False)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "cased")
+    assert hf("Hello", add_special_tokens=False)["input_ids"] == [6]
+
+
+def test_train_vocab(preprocessed_sample, tmp_path):
+    corpus = preprocessed_sample / "AA" / "wiki_02.txt"
+    path = train_vocab([corpus], vocab_size=2000, output_dir=tmp_path / "v")
+    tokens = path.read_text(encoding="utf-8").split("\n")[:-1]
+    assert tokens[:5] == list(SPECIAL_TOKENS)
+    assert 500 < len(tokens) <= 2000 and len(set(tokens)) == len(tokens)
+    assert any(t.startswith("##") for t in tokens) and "the" in tokens
+    assert (tmp_path / "v" / "tokenizer.json").is_file()
+    tok = load_tokenizer(vocab_file=path)
+    ids = tok.encode("The history of the country is long.").ids
+    assert tok.token_to_id("[UNK]") not in ids
+
+
+def test_train_vocab_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        train_vocab([tmp_path / "absent.txt"], vocab_size=100, output_dir=tmp_path / "v")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="no text"):
+        train_vocab([tmp_path / "empty.txt"], vocab_size=100, output_dir=tmp_path / "v")
+    with pytest.raises(ValueError, match="too small"):
+        train_vocab([tmp_path / "empty.txt"], vocab_size=3, output_dir=tmp_path / "v")
+
+
+def test_cli_vocab_train(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Cats sit on mats.\nDogs sit on logs.\n\n" * 20)
+    assert main(["vocab", "train", str(corpus), "--vocab-size", "60", "--min-frequency", "1",
+                 "--output", str(tmp_path / "v")]) == 0
+    assert str(tmp_path / "v" / "vocab.txt") in capsys.readouterr().out
+    vocab = (tmp_path / "v" / "vocab.txt").read_text().split("\n")[:-1]
+    assert vocab[:5] == list(SPECIAL_TOKENS) and len(vocab) <= 60 and "sit" in vocab
