@@ -117,11 +117,11 @@ def test_lamb_bias_group_has_no_trust_ratio_and_no_weight_decay():
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     opt.step()
     for name, p in net.named_parameters():
-        x, g = before[name].tolist(), [grads[name].flatten().tolist()]
-        wd = 0.5 if p.ndim > 1 else 0.0
-        trust = not name.endswith("bias")
-        expected = lamb_by_hand(x if p.ndim == 1 else before[name].flatten().tolist(), g, lr=0.1, b1=0.9,
-                                b2=0.999, eps=1e-6, wd=wd, bias_correction=True, trust_ratio=trust)
+        wd = 0.5 if p.ndim > 1 else 0.0          # LayerNorm weight and biases: no decay
+        trust = not name.endswith("bias")         # biases: no trust ratio
+        expected = lamb_by_hand(before[name].flatten().tolist(), [grads[name].flatten().tolist()],
+                                lr=0.1, b1=0.9, b2=0.999, eps=1e-6, wd=wd, bias_correction=True,
+                                trust_ratio=trust)
         assert p.detach().flatten().tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7), name
     # A bias step is lr * g/(|g|+eps): at most lr per element whatever the bias's own norm.
     assert (net.dense.bias - before["dense.bias"]).abs().max() <= 0.1 + 1e-6
@@ -179,13 +179,13 @@ def test_optimizer_state_round_trips_exactly(name):
         assert torch.equal(a, b), n
 
 
-def test_adamw_uses_reference_eps_groups_and_foreach_on_cpu():
+def test_adamw_uses_reference_eps_groups_and_fused_kernel_on_cpu():
     net = TinyNet()
     opt = build_optimizer(net, section("AdamW", learning_rate=1e-3))
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.0]
     assert all(g["eps"] == 1e-6 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
-    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)
+    assert all(g["fused"] for g in opt.param_groups)
     assert all("trust_ratio" not in g for g in opt.param_groups)
 
 

@@ -3,11 +3,12 @@
 Two pieces that make the tokenize stage fast and its memory independent of the corpus size:
 
 1. `encode_example_batch` serializes N tf.train.Examples with the same fixed-length features
-   in one vectorised numpy pass: every record is laid out as a row of byte "slots" (varint
-   slots three bytes wide, the unused ones masked off) and one boolean gather packs all rows.
-   On 128-token BERT records it takes ~3 us a record against ~20 us for the per-record
-   `tfrecord.encode_example`, whose output it reproduces byte for byte (tested); at 29k
-   records that is the difference between 0.1 s and 0.6 s of the 1.7 s budget of issue 2.
+   in one vectorised numpy pass: every record is laid out as a row of byte "slots" (a token
+   id's varint comes from a 64k-entry table as 4 slots, the unused ones masked off; headers
+   that are the same in every row are one constant) and one boolean gather packs all rows.
+   On 128-token BERT records it costs ~1/7 of calling `example.encode_example` per record
+   (6.6 vs 48 us a record, same loaded 2-core machine), and gives the same bytes (tested):
+   for the sample's 28k records, ~0.2 s of a 1.7 s budget (issue 2) instead of ~1.4 s.
 
 2. The global shuffle. Google's script shuffled all instances in memory (655 MB peak for a
    2.6 MB input; it cannot run on a full Wikipedia). Here each tokenize task sends every
@@ -17,7 +18,8 @@ Two pieces that make the tokenize stage fast and its memory independent of the c
    `write_shard` loads one shard at a time, permutes it with a seeded RNG and writes it
    with `RecordWriter` (framing, CRC, .index, atomic rename). Memory is then bounded by the
    spill buffer plus one shard (~64 MB by default), whatever the input size; the cost is
-   writing the records twice (page-cache speed, ~1% of the stage's time).
+   writing the records twice (page-cache speed, ~1% of the stage's time). A run whose
+   records fit the buffer (the sample: 24 MB) never touches the spill files.
 
 The spill format is private and transient: blocks of `uint64 n | n x uint32 length | data`.
 """
@@ -35,6 +37,27 @@ _BLOCK_HEADER = struct.Struct("<Q")
 
 
 # ---------------------------------------------------------------- batch Example encoder
+_TABLE_SIZE = 1 << 16  # token ids of vocabs up to 65k: their varints come from a table
+_tables: dict[str, np.ndarray] = {}
+
+
+def _varint_arithmetic(values: np.ndarray, width: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes [N, L, width], present [N, L, width], bytes per value [N, L]) by shifts."""
+    values = values.astype(np.uint64)
+    data = np.empty((*values.shape, width), dtype=np.uint8)
+    present = np.empty((*values.shape, width), dtype=bool)
+    present[..., 0] = True
+    for k in range(width):  # byte k: bits 7k..7k+6, high bit set when more bytes follow
+        group = (values >> np.uint64(7 * k)) & np.uint64(0x7F)
+        if k + 1 < width:
+            more = values >= np.uint64(1 << (7 * (k + 1)))
+            present[..., k + 1] = more
+            group |= more.astype(np.uint64) << np.uint64(7)
+        data[..., k] = group
+    return data, present, present.sum(axis=-1, dtype=np.uint8)
+
+
 def _varint_slots(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Varints of non-negative ints [N, L] as byte slots.
 
@@ -50,25 +73,35 @@ def _varint_slots(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if width == 1:  # every value below 128 is its own single byte
         return (values.astype(np.uint8), np.broadcast_to(True, (n, length)),
                 np.full(n, length, dtype=np.int64))
-    values = values.astype(np.uint32 if top < 1 << 32 else np.uint64)
-    data = np.empty((n, length, width), dtype=np.uint8)
-    present = np.empty((n, length, width), dtype=bool)
-    present[:, :, 0] = True
-    used = np.full(n, length, dtype=np.int64)
-    for k in range(width):  # byte k: bits 7k..7k+6, high bit set when more bytes follow
-        group = (values >> (7 * k)) & 0x7F
-        if k + 1 < width:
-            more = values >= 1 << (7 * (k + 1))
-            present[:, :, k + 1] = more
-            used += np.count_nonzero(more, axis=1)
-            group |= more.astype(values.dtype) << 7
-        data[:, :, k] = group
+    if top < _TABLE_SIZE:
+        # Three gathers from tables of each value's varint packed in a uint32 (4 slots, the
+        # unused ones absent), instead of a dozen strided passes of shifts: ~3x faster for
+        # token ids, and the views below copy nothing.
+        if not _tables:
+            data, present, used = _varint_arithmetic(np.arange(_TABLE_SIZE), 3)
+            _tables["data"] = np.pad(data, ((0, 0), (0, 1))).view("<u4").reshape(-1)
+            _tables["present"] = np.pad(present, ((0, 0), (0, 1))).view("<u4").reshape(-1)
+            _tables["used"] = used
+        data = _tables["data"].take(values).view(np.uint8).reshape(n, length * 4)
+        present = _tables["present"].take(values).view(bool).reshape(n, length * 4)
+        return data, present, _tables["used"].take(values).sum(axis=1, dtype=np.int64)
+    data, present, used = _varint_arithmetic(values, width)
+    used = used.sum(axis=1, dtype=np.int64)
     return data.reshape(n, length * width), present.reshape(n, length * width), used
 
 
 def _varint_len(values: np.ndarray) -> np.ndarray:
     """Bytes in the varint of each non-negative value (values < 2^35 here: lengths)."""
     return 1 + (values >= 1 << 7) + (values >= 1 << 14) + (values >= 1 << 21) + (values >= 1 << 28)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _const(n: int, data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +120,7 @@ def encode_example_batch(int64_features: dict[str, np.ndarray],
     """Serialize N tf.train.Examples from [N, L] arrays (each feature of fixed length L >= 1).
 
     Returns (all records concatenated, int64 length of each record). Record i equals
-    `tfrecord.encode_example({k: v[i]...}, {k: v[i]...})`: int64 features first, then float
+    `example.encode_example({k: v[i]...}, {k: v[i]...})`: int64 features first, then float
     features, each in the given order, repeated values packed.
     """
     float_features = float_features or {}
@@ -100,10 +133,18 @@ def encode_example_batch(int64_features: dict[str, np.ndarray],
     def add_feature(name: str, tag: bytes, payload: tuple[np.ndarray, np.ndarray],
                     payload_len: np.ndarray) -> None:
         key = name.encode()
-        assert len(key) < 128
-        inner_len = 1 + _varint_len(payload_len) + payload_len      # List{1: packed}
-        feature_len = 1 + _varint_len(inner_len) + inner_len        # Feature{tag: List}
-        prefix = b"\x0a" + bytes((len(key),)) + key + b"\x12"       # map entry: key, value
+        prefix = b"\x0a" + _varint(len(key)) + key + b"\x12"  # map entry: key, then value
+        if (payload_len == payload_len[0]).all():  # same sizes in every row: one header
+            size = int(payload_len[0])
+            inner = b"\x0a" + _varint(size)                   # List{1: packed}
+            feature = tag + _varint(len(inner) + size) + inner  # Feature{tag: List}
+            entry = prefix + _varint(len(feature) + size) + feature
+            header = b"\x0a" + _varint(len(entry) + size) + entry
+            pieces.extend([_const(n, header), payload])
+            total[:] += len(header) + size
+            return
+        inner_len = 1 + _varint_len(payload_len) + payload_len
+        feature_len = 1 + _varint_len(inner_len) + inner_len
         entry_len = len(prefix) + _varint_len(feature_len) + feature_len
         pieces.extend([_const(n, b"\x0a"), _length_slots(entry_len), _const(n, prefix),
                        _length_slots(feature_len), _const(n, tag), _length_slots(inner_len),
@@ -122,7 +163,15 @@ def encode_example_batch(int64_features: dict[str, np.ndarray],
     header, header_present = _length_slots(total)
     pieces[:0] = [_const(n, b"\x0a"), (header, header_present)]
     slots = np.concatenate([d for d, _ in pieces], axis=1)
-    present = np.concatenate([p for _, p in pieces], axis=1)
+    # Most slots are always present: start from all-true (one fill) and copy in only the
+    # masks that vary, half the cost of concatenating them all.
+    present = np.ones(slots.shape, dtype=bool)
+    column = 0
+    for data, mask in pieces:
+        width = data.shape[1]
+        if mask.strides != (0, 0):  # not a broadcast True
+            present[:, column:column + width] = mask
+        column += width
     return slots[present].tobytes(), 1 + _varint_len(total) + total
 
 

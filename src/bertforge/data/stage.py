@@ -35,12 +35,15 @@ def default_workers() -> int:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", disable: bool | None = None) -> tqdm:
-    """A tqdm bar on stderr; BERTFORGE_NO_PROGRESS=1 turns every bar off (CI logs)."""
+             unit: str = "it", disable: bool | None = None, unit_scale: bool = False) -> tqdm:
+    """A tqdm bar on stderr; BERTFORGE_NO_PROGRESS=1 turns every bar off (CI logs).
+
+    unit_scale=True shows byte counts as KiB/MiB (divisor 1024)."""
     if disable is None:
         disable = os.environ.get("BERTFORGE_NO_PROGRESS", "") not in ("", "0")
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000)
 
 
 @dataclass
@@ -88,7 +91,7 @@ def is_complete(output_dir: Path, stage: str, params: dict[str, Any]) -> Summary
         return None
     if not all((Path(output_dir) / rel).exists() for rel in manifest.get("outputs", [])):
         return None
-    summary = Summary(stage)
+    summary = Summary(manifest["summary"].get("stage", stage) + " (already complete)")
     summary.counts.update(manifest["summary"].get("counts", {}))
     summary.skipped.update(manifest["summary"].get("skipped", {}))
     return summary

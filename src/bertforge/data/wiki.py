@@ -137,9 +137,7 @@ def _copy(source: Path, part: Path) -> None:
 
 
 def _byte_bar(total: int | None, desc: str):
-    bar = progress(total=total, desc=desc, unit="B")
-    bar.unit_scale, bar.unit_divisor = True, 1024
-    return bar
+    return progress(total=total, desc=desc, unit="B", unit_scale=True)
 
 
 class _Interrupted(Exception):
@@ -239,7 +237,6 @@ def extract(dump: Path, output_dir: Path, workers: int | None = None,
               "bytes_per_file": bytes_per_file, "wikiextractor": version("wikiextractor")}
     done = is_complete(output_dir, "extract", params)
     if done is not None:
-        done.stage = "wiki extract (already complete)"
         return done
 
     staging = output_dir / ".extract-partial"
@@ -372,7 +369,6 @@ def preprocess(input_dir: Path, output_dir: Path, workers: int | None = None) ->
               "splitter": f"blingfire {version('blingfire')}", "format": 1}
     done = is_complete(output_dir, "preprocess", params)
     if done is not None:
-        done.stage = "wiki preprocess (already complete)"
         return done
 
     jobs = [(str(path), str(output_dir / _output_name(rel))) for rel, path in inputs]

@@ -18,7 +18,6 @@ the gradient all-reduce.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os

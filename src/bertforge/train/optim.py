@@ -4,8 +4,10 @@ Parameter groups (reference-system.md, "Optimizers"): biases get no weight decay
 trust ratio; the other 1-D parameters (LayerNorm weights) get no weight decay but keep the
 trust ratio; every matrix (embeddings included) gets weight decay.
 
-AdamW is torch's: fused when every parameter is on CUDA (one kernel for all tensors), else
-foreach (one kernel per op over the tensor list). Both keep eps=1e-6 as the reference does.
+AdamW is torch's, with eps=1e-6 as the reference. Fused (one pass over each tensor doing the
+whole update) when every parameter is on CUDA or CPU, else foreach. Measured on this 2-core
+CPU with torch 2.13: one AdamW step over demo_tiny_128's 2.2M parameters takes 1.3 ms fused,
+4.4 ms foreach, 6.1 ms per-tensor loop; BERT-mini (11.3M) 6.4 / 21.4 / 22.5 ms.
 
 LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
 minutes", Algorithm 2, with phi = identity), per parameter tensor x with gradient g:
@@ -18,8 +20,9 @@ minutes", Algorithm 2, with phi = identity), per parameter tensor x with gradien
 No global gradient-norm clipping and no trust-ratio clamp: the paper has neither. Two
 implementations: `_lamb_reference` loops over tensors (the readable definition), and
 `_lamb_foreach` does the same with torch._foreach_* ops. On BERT-base's ~200 parameter tensors
-the loop launches ~2,400 small kernels per step against ~15 multi-tensor ones; tests check
-the two agree to float rounding.
+the loop launches ~2,400 small GPU kernels per step against ~15 multi-tensor ones; on CPU the
+two cost about the same (11 ms per step for demo_tiny_128, 33-55 ms for BERT-mini). Tests
+check the two agree to float64 rounding.
 """
 
 from __future__ import annotations
@@ -168,8 +171,9 @@ def build_optimizer(model: torch.nn.Module, section) -> torch.optim.Optimizer:
     if name == "AdamW":
         for g in groups:
             del g["trust_ratio"]
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        kind = {"fused": True} if on_cuda else {"foreach": True}
+        # torch has fused AdamW kernels for CUDA and (since 2.4) CPU; see module docstring.
+        fusable = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
+        kind = {"fused": True} if fusable else {"foreach": True}
         return torch.optim.AdamW(groups, lr=section.learning_rate, betas=betas, eps=section.eps,
                                  weight_decay=section.weight_decay, **kind)
     if name in ("LAMB", "LAMBNoBiasCorrection"):

@@ -1,0 +1,155 @@
+"""CPU/GPU pre-training throughput: bertforge vs a plain Hugging Face baseline, in one run.
+
+Issue 3, item 10. For each shape (demo_tiny_128: 64/3/8, and BERT-mini: 256/4/4; seq 128),
+on the SAME batches (real shards when given, else well-formed random records):
+  - baseline: transformers.BertForPreTraining, full MLM head over all 128 positions (labels
+    -100 except the masked slots), torch.optim.AdamW with its defaults, fp32;
+  - bertforge fp32: the gathered MLM head + bertforge's AdamW (fused), fp32;
+  - bertforge best: the same with bf16 autocast and/or torch.compile, whichever is fastest.
+It prints samples/s and real (non-padding) tokens/s per variant, the ratio to the baseline,
+and model FLOPs utilisation against a matmul peak measured in the same run (fp32 and bf16
+GEMMs of 2048^3). Model FLOPs count only useful work (encoder + MLM head at the masked
+positions + NSP), x3 for forward + backward, so the baseline's wasted head FLOPs do not
+count in its favour.
+
+    python benchmarks/bench_pretrain.py [--steps 20] [--input-files 'shards/*.tfrecord']
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+import transformers
+
+from bertforge.model.bert import build_pretraining_model, labelled_slots
+from bertforge.train.optim import build_optimizer
+from bertforge.train.sources import random_batch
+
+SHAPES = {
+    "demo_tiny_128": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=8, micro_batch_size=16),
+    "bert_mini_128": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, micro_batch_size=32),
+}
+
+
+class AdamWSection:
+    optimizer, learning_rate, weight_decay, beta1, beta2, eps = "AdamW", 1e-4, 0.01, 0.9, 0.999, 1e-6
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def model_flops_per_sequence(cfg: transformers.BertConfig, seq: int, masked: float) -> float:
+    """Useful training FLOPs per sequence (forward x 3)."""
+    h, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    per_token_layer = 2 * (4 * h * h + 2 * h * inter) + 2 * 2 * seq * h  # projections + attention
+    encoder = seq * layers * per_token_layer
+    head = masked * 2 * (h * h + h * vocab) + 2 * h * h + 2 * h * 2  # MLM at masked slots + pooler/NSP
+    return 3 * (encoder + head)
+
+
+def load_batches(input_files: str | None, batch_size: int, n: int, vocab: int) -> list[dict]:
+    if input_files:
+        from bertforge.data.loader import PretrainingDataset
+        ds = PretrainingDataset([input_files], batch_size, shuffle=True, seed=0)
+        return list(itertools.islice(iter(ds), n))
+    gen = torch.Generator().manual_seed(0)
+    return [random_batch(batch_size, 128, 20, vocab, gen) for _ in range(n)]
+
+
+def hf_labels(batch: dict) -> torch.Tensor:
+    labels = torch.full_like(batch["input_ids"], -100)
+    real = labelled_slots(batch)
+    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(real)
+    labels[rows[real], batch["masked_lm_positions"][real]] = batch["masked_lm_ids"][real]
+    return labels
+
+
+def time_steps(step, batches: list[dict], steps: int, warmup: int = 3) -> float:
+    for b in batches[:warmup]:
+        step(b)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    return (time.perf_counter() - start) / steps
+
+
+def baseline_step_fn(cfg):
+    torch.manual_seed(0)
+    model = transformers.BertForPreTraining(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step(b):
+        out = model(input_ids=b["input_ids"], attention_mask=b["input_mask"],
+                    token_type_ids=b["segment_ids"], labels=b["hf_labels"],
+                    next_sentence_label=b["next_sentence_labels"].reshape(-1))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool):
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg).train()
+    opt = build_optimizer(model, AdamWSection)
+    forward = torch.compile(model) if compile_model else model
+
+    def step(b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(b)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--input-files", default=None, help="glob of seq-128 shards (default: random records)")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    args = parser.parse_args()
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        micro = shape.pop("micro_batch_size")
+        cfg = transformers.BertConfig(**shape, intermediate_size=4 * shape["hidden_size"],
+                                      layer_norm_eps=1e-3, attention_probs_dropout_prob=0.0)
+        cfg._attn_implementation = "sdpa"
+        batches = load_batches(args.input_files, micro, 8, cfg.vocab_size)
+        for b in batches:
+            b["hf_labels"] = hf_labels(b)
+        tokens = sum(int(b["input_mask"].sum()) for b in batches) / len(batches)
+        masked = sum(int(labelled_slots(b).sum()) for b in batches) / len(batches) / micro
+        flops = model_flops_per_sequence(cfg, 128, masked) * micro
+        variants = {"hf_baseline_fp32": (baseline_step_fn(cfg), peak32),
+                    "bertforge_fp32": (bertforge_step_fn(cfg, bf16=False, compile_model=False), peak32),
+                    "bertforge_bf16": (bertforge_step_fn(cfg, bf16=True, compile_model=False), peak16)}
+        if not args.no_compile:
+            variants["bertforge_fp32_compile"] = (bertforge_step_fn(cfg, bf16=False, compile_model=True), peak32)
+        results = {}
+        for variant, (fn, peak) in variants.items():
+            seconds = time_steps(fn, batches, args.steps)
+            results[variant] = tokens / seconds
+            print(f"{name} {variant}: throughput: {micro / seconds:.1f} samples/sec, "
+                  f"real tokens/s: {tokens / seconds:.0f}, MFU: {100 * flops / seconds / peak:.2f} %")
+        base = results["hf_baseline_fp32"]
+        best = max((v for v in results if v.startswith("bertforge")), key=results.get)
+        print(f"{name} speedup_fp32: {results['bertforge_fp32'] / base:.2f}x")
+        print(f"{name} speedup_best: {results[best] / base:.2f}x ({best})")
+
+
+if __name__ == "__main__":
+    main()

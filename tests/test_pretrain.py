@@ -1,0 +1,187 @@
+"""The training loop end to end on tiny shapes: exact resume, checkpoints, DDP, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from bertforge.config import load_config
+from bertforge.data.example import encode_example
+from bertforge.data.tfrecord import RecordWriter
+from bertforge.train import checkpoint as ckpt
+from bertforge.train.loop import pretrain
+from bertforge.train.sources import random_batch
+
+SEQ, MASK, VOCAB = 32, 5, 1000
+
+
+def write_random_shards(directory: Path, num_shards: int = 2, records_per_shard: int = 48) -> str:
+    """Well-formed random pre-training records (unit_test vocab) in indexed shards."""
+    gen = torch.Generator().manual_seed(1234)
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in range(num_shards):
+        batch = random_batch(records_per_shard, SEQ, MASK, VOCAB, gen)
+        with RecordWriter(directory / f"part-{shard}.tfrecord") as writer:
+            for i in range(records_per_shard):
+                ints = {k: batch[k][i].reshape(-1).numpy() for k in
+                        ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
+                         "masked_lm_ids", "next_sentence_labels")}
+                writer.write(encode_example(ints, {"masked_lm_weights": batch["masked_lm_weights"][i].numpy()}))
+    return str(directory / "*.tfrecord")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_random_shards(tmp_path_factory.mktemp("shards"))
+
+
+def tiny_config(shards: str, run_dir: Path, **overrides):
+    values = {"input_files": [shards], "sequence_length": SEQ, "mask_tokens": MASK,
+              "micro_batch_size": 4, "gradient_accumulation": 2, "training_steps": 6,
+              "checkpoint_output_dir": str(run_dir), "dataloader_workers": 0,
+              "disable_progress_bar": True, "device": "cpu", "max_position_embeddings": 64}
+    values.update(overrides)
+    return load_config("unit_test", values)
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l)["loss"] for l in lines if json.loads(l)["split"] == "train"]
+
+
+def test_resume_is_exact(shards, tmp_path):
+    """2N steps in one go == N steps, resume, N steps: same losses and bit-identical weights."""
+    whole = pretrain(tiny_config(shards, tmp_path / "whole", training_steps=6))
+    first = pretrain(tiny_config(shards, tmp_path / "split", training_steps=3))
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in whole.history[:3]]
+    resumed = pretrain(tiny_config(shards, tmp_path / "split", training_steps=6,
+                                   checkpoint_input_dir=str(tmp_path / "split" / "step_3"),
+                                   resume_training_from_checkpoint=True))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[3:]]
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    a = load_file(tmp_path / "whole" / "step_6" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "step_6" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_loads_into_transformers(shards, tmp_path):
+    result = pretrain(tiny_config(shards, tmp_path / "run", training_steps=2))
+    step_dir = result.final_checkpoint
+    assert step_dir == tmp_path / "run" / "step_2"
+    hf, info = transformers.BertForPreTraining.from_pretrained(step_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    state = torch.load(step_dir / ckpt.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and state["consumed_batches"] == 4
+    saved = json.loads((step_dir / ckpt.CONFIG_FILE).read_text())
+    assert saved["data"]["sequence_length"] == SEQ
+    # Same outputs as the model that wrote it, through the stock HF forward.
+    from bertforge.model.bert import GatheredBertForPreTraining
+    ours = GatheredBertForPreTraining.from_pretrained(step_dir).eval()
+    hf.eval()
+    batch = random_batch(2, SEQ, MASK, VOCAB, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=batch["input_ids"], attention_mask=batch["input_mask"],
+                 token_type_ids=batch["segment_ids"])
+        mine = ours.bert(batch["input_ids"], attention_mask=batch["input_mask"],
+                         token_type_ids=batch["segment_ids"])
+        logits = ours.cls.predictions(mine.last_hidden_state)
+    torch.testing.assert_close(logits, ref.prediction_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_existing_run_is_refused_unless_resuming(shards, tmp_path):
+    pretrain(tiny_config(shards, tmp_path / "run", training_steps=1))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(tiny_config(shards, tmp_path / "run", training_steps=1))
+
+
+def test_run_dir_resolves_latest_step_numerically(tmp_path):
+    for step in (2, 9, 10):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "config.json").write_text("{}")
+    (tmp_path / ".tmp-step_11-123").mkdir()  # an interrupted save never counts
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert ckpt.resolve_checkpoint("bert-base-uncased") == "bert-base-uncased"
+    with pytest.raises(ValueError, match="no such directory"):
+        ckpt.resolve_checkpoint("./missing-dir")
+
+
+def test_ddp_two_processes_equal_one(shards, tmp_path):
+    """torchrun with 2 CPU ranks (gloo) == 1 process with the same global batch."""
+    common = ["--config", "unit_test", "--input-files", shards, "--sequence-length", str(SEQ),
+              "--mask-tokens", str(MASK), "--micro-batch-size", "4", "--training-steps", "3",
+              "--dataloader-workers", "0", "--disable-progress-bar", "--device", "cpu",
+              "--max-position-embeddings", "64", "--hidden-dropout-prob", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--standalone", "-m", "bertforge", "pretrain", *common,
+                    "--global-batch-size", "8", "--checkpoint-output-dir", str(tmp_path / "ddp")],
+                   check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "bertforge", "pretrain", *common,
+                    "--global-batch-size", "8", "--checkpoint-output-dir", str(tmp_path / "one")],
+                   check=True, env=env, timeout=300)
+    ddp_state = torch.load(tmp_path / "ddp" / "step_3" / ckpt.STATE_FILE, weights_only=True)
+    assert ddp_state["world_size"] == 2
+    a = load_file(tmp_path / "ddp" / "step_3" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "step_3" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")),
+                               torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+
+
+def test_accumulation_equals_one_big_batch(shards, tmp_path):
+    """micro 4 x accumulation 2 == micro 8 x 1 through the whole loop (fp32, no dropout)."""
+    runs = {}
+    for name, micro, accum in (("acc", 4, 2), ("big", 8, 1)):
+        runs[name] = pretrain(tiny_config(shards, tmp_path / name, micro_batch_size=micro,
+                                          gradient_accumulation=accum, training_steps=3,
+                                          hidden_dropout_prob=0.0))
+    a = load_file(tmp_path / "acc" / "step_3" / "model.safetensors")
+    b = load_file(tmp_path / "big" / "step_3" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert [h["sequences"] for h in runs["acc"].history] == [8.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize("precision,extra", [
+    ("bf16", {}),
+    ("fp16", {"auto_loss_scaling": True, "loss_scaling": 1.0}),
+    ("fp16", {"loss_scaling": 128.0}),
+], ids=["bf16", "fp16-auto-loss-scaling", "fp16-static-loss-scaling"])
+def test_mixed_precision_trains_close_to_fp32(shards, tmp_path, precision, extra):
+    ref = pretrain(tiny_config(shards, tmp_path / "fp32", training_steps=3, hidden_dropout_prob=0.0))
+    run = pretrain(tiny_config(shards, tmp_path / precision, training_steps=3, precision=precision,
+                               hidden_dropout_prob=0.0, **extra))
+    for mine, theirs in zip(run.history, ref.history):
+        assert abs(mine["loss"] - theirs["loss"]) < 0.05 * theirs["loss"]
+    if extra.get("auto_loss_scaling"):
+        state = torch.load(tmp_path / precision / "step_3" / ckpt.STATE_FILE, weights_only=True)
+        assert state["precision"]["scaler"]["scale"] >= 1.0  # the GradScaler state is saved
+
+
+def test_held_out_evaluation_counts_every_record(shards, tmp_path):
+    eval_dir = tmp_path / "heldout"
+    eval_glob = write_random_shards(eval_dir, num_shards=1, records_per_shard=10)
+    result = pretrain(tiny_config(shards, tmp_path / "run", training_steps=2, eval_files=[eval_glob],
+                                  eval_every=1))
+    assert result.eval["records"] == 10
+    assert 0.0 <= result.eval["mlm_acc"] <= 1.0
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["split"] == "eval"] == [1, 2]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_synthetic_and_generated_data_need_no_files(tmp_path):
+    for name, flag in (("synthetic", {"synthetic_data": True}), ("generated", {"dataset": "generated"})):
+        result = pretrain(tiny_config("", tmp_path / name, input_files=[], training_steps=2, **flag))
+        assert len(result.history) == 2 and all(h["loss"] > 0 for h in result.history)
