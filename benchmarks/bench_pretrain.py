@@ -4,21 +4,30 @@ Issue 3, item 10. For each shape (demo_tiny_128: 64/3/8, and BERT-mini: 256/4/4;
 on the SAME batches (real shards when given, else well-formed random records):
   - baseline: transformers.BertForPreTraining, full MLM head over all 128 positions (labels
     -100 except the masked slots), torch.optim.AdamW with its defaults, fp32;
-  - bertforge fp32: the gathered MLM head + bertforge's AdamW (fused), fp32;
-  - bertforge best: the same with bf16 autocast and/or torch.compile, whichever is fastest.
-It prints samples/s and real (non-padding) tokens/s per variant, the ratio to the baseline,
+  - bertforge fp32: the gathered MLM head with the fused chunked decoder + cross-entropy, and
+    bertforge's AdamW (fused), fp32;
+  - bertforge bf16: the same under bf16 autocast, with SDPA attention and with HF's eager
+    (matmul + softmax) attention: on CPU, torch 2.13's bf16 SDPA backward is ~2x slower than
+    its fp32 one (74 vs 35 ms per BERT-mini layer), eager bf16 attention is not (39 ms);
+  - optionally (--compile) fp32 + torch.compile (compile time excluded by the warm-up steps).
+Variants are timed in interleaved rounds and each reports its median round, so that load from
+other processes on a shared machine hits all variants alike. It prints samples/s and real (non-padding) tokens/s per variant, the ratio to the baseline,
 and model FLOPs utilisation against a matmul peak measured in the same run (fp32 and bf16
 GEMMs of 2048^3). Model FLOPs count only useful work (encoder + MLM head at the masked
 positions + NSP), x3 for forward + backward, so the baseline's wasted head FLOPs do not
 count in its favour.
 
-    python benchmarks/bench_pretrain.py [--steps 20] [--input-files 'shards/*.tfrecord']
+    python benchmarks/bench_pretrain.py [--steps 4] [--rounds 3] [--threads N] [--compile]
+                                        [--input-files 'shards/*.tfrecord']
+
+Measured results and the machine they ran on: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 
 import torch
@@ -73,13 +82,19 @@ def hf_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-def time_steps(step, batches: list[dict], steps: int, warmup: int = 3) -> float:
-    for b in batches[:warmup]:
-        step(b)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    return (time.perf_counter() - start) / steps
+def time_variants(steps: dict, batches: list[dict], num_steps: int, rounds: int, warmup: int = 3) -> dict:
+    """Median seconds per step of each variant over `rounds` interleaved rounds of `num_steps`."""
+    for step in steps.values():
+        for b in batches[:warmup]:  # includes torch.compile's compilation
+            step(b)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for i in range(num_steps):
+                step(batches[i % len(batches)])
+            times[name].append((time.perf_counter() - start) / num_steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def baseline_step_fn(cfg):
@@ -97,9 +112,9 @@ def baseline_step_fn(cfg):
     return step
 
 
-def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool):
+def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool = False, attn: str = "sdpa"):
     torch.manual_seed(0)
-    model = build_pretraining_model(cfg).train()
+    model = build_pretraining_model(cfg, attn_implementation=attn).train()
     opt = build_optimizer(model, AdamWSection)
     forward = torch.compile(model) if compile_model else model
 
@@ -114,13 +129,21 @@ def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("--input-files", default=None, help="glob of seq-128 shards (default: random records)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add fp32 + torch.compile (minutes of compilation on 2 cores; no gain measured)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown") if __import__("os").path.exists("/proc/cpuinfo") else "unknown"
+    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
@@ -135,16 +158,18 @@ def main() -> None:
         masked = sum(int(labelled_slots(b).sum()) for b in batches) / len(batches) / micro
         flops = model_flops_per_sequence(cfg, 128, masked) * micro
         variants = {"hf_baseline_fp32": (baseline_step_fn(cfg), peak32),
-                    "bertforge_fp32": (bertforge_step_fn(cfg, bf16=False, compile_model=False), peak32),
-                    "bertforge_bf16": (bertforge_step_fn(cfg, bf16=True, compile_model=False), peak16)}
-        if not args.no_compile:
+                    "bertforge_fp32": (bertforge_step_fn(cfg, bf16=False), peak32),
+                    "bertforge_bf16": (bertforge_step_fn(cfg, bf16=True), peak16),
+                    "bertforge_bf16_eager_attn": (bertforge_step_fn(cfg, bf16=True, attn="eager"), peak16)}
+        if args.compile:
             variants["bertforge_fp32_compile"] = (bertforge_step_fn(cfg, bf16=False, compile_model=True), peak32)
+        seconds = time_variants({v: fn for v, (fn, _) in variants.items()}, batches, args.steps, args.rounds)
         results = {}
-        for variant, (fn, peak) in variants.items():
-            seconds = time_steps(fn, batches, args.steps)
-            results[variant] = tokens / seconds
-            print(f"{name} {variant}: throughput: {micro / seconds:.1f} samples/sec, "
-                  f"real tokens/s: {tokens / seconds:.0f}, MFU: {100 * flops / seconds / peak:.2f} %")
+        for variant, (_, peak) in variants.items():
+            results[variant] = tokens / seconds[variant]
+            print(f"{name} {variant}: throughput: {micro / seconds[variant]:.1f} samples/sec, "
+                  f"real tokens/s: {tokens / seconds[variant]:.0f}, "
+                  f"MFU: {100 * flops / seconds[variant] / peak:.1f} % (of the {peak / 1e9:.0f} GFLOP/s peak)")
         base = results["hf_baseline_fp32"]
         best = max((v for v in results if v.startswith("bertforge")), key=results.get)
         print(f"{name} speedup_fp32: {results['bertforge_fp32'] / base:.2f}x")

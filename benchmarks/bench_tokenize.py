@@ -108,7 +108,6 @@ def main() -> int:
     print(f"instances/s: {instances / wall:.0f}")
     print(f"MB/s: {text_mb / wall:.2f}")
     print(f"peak_rss_mb: {peak:.0f}")
-    print(f"peak RSS: {peak:.0f} MB")
     print(f"wall_s: {wall:.3f}")
     print(f"cpu_s: {cpu:.3f}")  # user + sys of the command and its workers
     settings = (args.sequence_length, args.mask_tokens, args.duplication_factor)

@@ -12,7 +12,9 @@ import pytest
 import torch
 import transformers
 
-from bertforge.model.bert import GatheredBertForPreTraining, build_pretraining_model, labelled_slots
+from bertforge.model import bert as bert_module
+from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model, decoder_cross_entropy,
+                                  labelled_slots)
 
 VOCAB, SEQ, SLOTS = 300, 16, 5
 
@@ -239,3 +241,50 @@ def test_bf16_autocast_forward_is_close_to_fp32():
         bf16 = model(batch)
     assert bf16.loss.dtype == torch.float32
     assert bf16.loss.item() == pytest.approx(fp32, rel=2e-2)
+
+
+def decoder_inputs(rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 32, generator=g, requires_grad=True)
+    weight = (torch.randn(VOCAB, 32, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(VOCAB, generator=g) * 0.1).requires_grad_()
+    labels = torch.randint(0, VOCAB, (rows,), generator=g)
+    return x, weight, bias, labels
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 1000])  # 11 rows: 3 chunks (last one short), or one
+def test_fused_decoder_cross_entropy_equals_linear_plus_cross_entropy(monkeypatch, chunk_rows):
+    monkeypatch.setattr(bert_module, "DECODER_CHUNK_ROWS", chunk_rows)
+    x, weight, bias, labels = decoder_inputs(11, seed=9)
+    logits = torch.nn.functional.linear(x, weight, bias)
+    labels[:4] = logits.argmax(-1)[:4]  # some hits, so the count is not trivially 0
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (expected * 0.37).backward()  # a non-unit upstream gradient must scale the stored gradients
+    want = [t.grad.clone() for t in (x, weight, bias)]
+    for t in (x, weight, bias):
+        t.grad = None
+    got, correct = decoder_cross_entropy(x, weight, bias, labels)
+    assert correct.item() == (logits.argmax(-1) == labels).sum().item() >= 4
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    (got * 0.37).backward()
+    for name, t, w in zip(("x", "weight", "bias"), (x, weight, bias), want):
+        torch.testing.assert_close(t.grad, w, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_decoder_cross_entropy_without_grad_and_under_bf16():
+    x, weight, bias, labels = decoder_inputs(6, seed=10)
+    with torch.no_grad():
+        plain, _ = decoder_cross_entropy(x, weight, bias, labels)
+    assert not plain.requires_grad
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight, bias), labels,
+                                                 reduction="sum")
+    assert plain.item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_logits = torch.nn.functional.linear(x, weight, bias)
+        fused, _ = decoder_cross_entropy(x, weight, bias, labels)
+    assert stock_logits.dtype == torch.bfloat16 and fused.dtype == torch.float32
+    stock = torch.nn.functional.cross_entropy(stock_logits.float(), labels, reduction="sum")
+    # Same bf16 matmul as the stock Linear under autocast, so closer than bf16 vs fp32 (~1e-2).
+    assert fused.item() == pytest.approx(stock.item(), rel=1e-3)
+    fused.backward()
+    assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

@@ -66,10 +66,12 @@ TASK_BYTES = 1 << 20          # text per task: the random-document pool and the 
 SHARD_BYTES = 64 << 20        # default shard size target
 SPILL_BYTES = 128 << 20       # records held in memory before they are appended to spill files
 MAX_DOCUMENT_BYTES = 16 << 20  # a document longer than this is cut, to bound a task's text
+TASKS_PER_WORKER = 4          # default --workers: at most one process per 4 MiB of text
 BATCH_INSTANCES = 8192        # rows per vectorised batch: ~20 MB of temporaries per 128 of S
 # Shard bytes per input text byte per duplication round: 23.7 MB from 2.6 MB x 5 on the
 # sample at seq 128; used only to pick the default number of shards.
 RECORD_BYTES_PER_TEXT_BYTE = 1.8
+OUTPUT_FORMAT = 1  # bump when the same parameters would give other records (re-runs redo)
 _SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.tfrecord(\.index)?")
 
 
@@ -365,6 +367,7 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
     params = {"inputs": [[str(f.resolve()), st.st_size, st.st_mtime_ns]
                          for f, st in zip(files, stats)],
               "config": asdict(config), "num_shards": num_shards, "task_bytes": TASK_BYTES,
+              "max_document_bytes": MAX_DOCUMENT_BYTES, "format": OUTPUT_FORMAT,
               "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
     done = is_complete(output_dir, "tokenize", params)
     if done is not None:
@@ -378,7 +381,13 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
         summary.skip("empty-file", empty)
     tasks = plan_tasks([(str(f), s.st_size) for f, s in zip(files, stats)], TASK_BYTES)
     runner = _TaskRunner(tokenizer, config, tasks, num_shards)
-    workers = max(1, min(workers or default_workers(), len(tasks)))
+    if workers is None:
+        # All cores, but at most one per TASKS_PER_WORKER tasks: a pool costs ~0.25 s of CPU
+        # (fork, first touch of memory, results through pipes), about what it saves on a few
+        # MB, and a loss when other jobs hold the cores (the sample on this 2-core machine
+        # with other jobs running: 1.2 s in one process, 1.6-1.8 s with 2 workers).
+        workers = min(default_workers(), len(tasks) // TASKS_PER_WORKER)
+    workers = max(1, min(workers, len(tasks)))
     paths = [output_dir / shard_name(i, num_shards) for i in range(num_shards)]
     output_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_outputs(output_dir, {p.name for p in paths})
