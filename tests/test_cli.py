@@ -10,7 +10,8 @@ import pytest
 from bertforge.cli import build_parser, main
 
 SUBCOMMANDS = [["wiki", "download"], ["wiki", "extract"], ["wiki", "preprocess"], ["vocab", "train"],
-               ["tokenize"], ["index"], ["sample", "fetch"], ["benchmark"], ["pretrain"], ["demo"]]
+               ["tokenize"], ["index"], ["sample", "fetch"], ["benchmark"], ["pretrain"], ["squad"], ["squad-eval"],
+               ["demo"]]
 
 
 def test_every_subcommand_is_covered():

@@ -103,9 +103,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_squad(args: argparse.Namespace) -> int:
+    import logging
+
+    from bertforge.config import config_from_args
+    from bertforge.squad.config import SquadConfig
+    from bertforge.squad.finetune import squad
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = squad(config_from_args(args, SquadConfig))
+    if result.history:
+        print(f"squad: {result.steps} steps; last-10 mean loss {result.last_mean('loss'):.3f}; "
+              f"checkpoint {result.final_checkpoint}")
+    if result.eval:
+        print("squad: " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items()))
+        print(f"squad: predictions in {result.files['predictions']}")
+    return 0
+
+
+def cmd_squad_eval(args: argparse.Namespace) -> int:
+    from bertforge.squad.metric import evaluate_files
+    result, text = evaluate_files(args.data_file, args.prediction_file,
+                                  na_prob_file=args.na_prob_file,
+                                  na_prob_thresh=args.na_prob_thresh, version=args.version)
+    if args.out_file:
+        args.out_file.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from bertforge.demo import run_demo
-    return run_demo(args.output_dir, workers=args.workers)
+    return run_demo(args.output_dir, workers=args.workers, training_steps=args.training_steps)
 
 
 # ---------------------------------------------------------------- parser
@@ -183,8 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("squad", help="fine-tune on SQuAD v1.1/v2.0, predict and score")
+    from bertforge.squad.config import SquadConfig
+    add_config_arguments(p, SquadConfig)
+    p.set_defaults(func=cmd_squad)
+
+    p = sub.add_parser("squad-eval", help="the official SQuAD v1.1/v2.0 evaluation of a "
+                       "predictions.json")
+    p.add_argument("data_file", type=Path, metavar="DATA.json")
+    p.add_argument("prediction_file", type=Path, metavar="PREDICTIONS.json")
+    p.add_argument("--na-prob-file", type=Path, default=None,
+                   help="question id -> no-answer probability/score (null_odds.json); SQuAD 2.0")
+    p.add_argument("--na-prob-thresh", type=float, default=1.0,
+                   help="predict '' when the no-answer probability exceeds this (default 1.0)")
+    p.add_argument("--out-file", type=Path, default=None, help="write the JSON here, not stdout")
+    p.add_argument("--version", choices=("auto", "1.1", "2.0"), default="auto",
+                   help="which official script to follow (auto: 2.0 for SQuAD 2.0 data or with "
+                        "--na-prob-file)")
+    p.set_defaults(func=cmd_squad_eval)
+
     p = sub.add_parser("demo", help="the main job on the embedded Wikipedia sample")
     p.add_argument("--output-dir", type=Path, default=Path("demo-output"))
+    p.add_argument("--training-steps", type=int, default=1000)
     _add_workers_flag(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -289,7 +289,7 @@ class Trainer:
                 else:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", mlm_acc=f"{metrics['mlm_acc']:.3f}",
                                     nsp_acc=f"{metrics['nsp_acc']:.3f}",
-                                    sps=f"{metrics['samples_per_s']:.0f}")
+                                    sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
             done = step + 1
             every = cfg.checkpoint.checkpoint_steps
             if every and done % every == 0 and done < t.training_steps:
