@@ -185,3 +185,15 @@ def test_synthetic_and_generated_data_need_no_files(tmp_path):
     for name, flag in (("synthetic", {"synthetic_data": True}), ("generated", {"dataset": "generated"})):
         result = pretrain(tiny_config("", tmp_path / name, input_files=[], training_steps=2, **flag))
         assert len(result.history) == 2 and all(h["loss"] > 0 for h in result.history)
+
+
+def test_compiled_training_matches_eager_and_fills_the_cache(shards, tmp_path):
+    """--compile (torch.compile) gives the eager losses; --executable-cache-dir keeps artifacts."""
+    eager = pretrain(tiny_config(shards, tmp_path / "eager", training_steps=2, hidden_dropout_prob=0.0))
+    cache = tmp_path / "cache"
+    compiled = pretrain(tiny_config(shards, tmp_path / "compiled", training_steps=2,
+                                    hidden_dropout_prob=0.0, compile=True,
+                                    executable_cache_dir=str(cache)))
+    for a, b in zip(compiled.history, eager.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"]
+    assert any(p.is_file() for p in (cache / "inductor").rglob("*"))
