@@ -10,7 +10,7 @@ import pytest
 from bertforge.cli import build_parser, main
 
 SUBCOMMANDS = [["wiki", "download"], ["wiki", "extract"], ["wiki", "preprocess"], ["vocab", "train"],
-               ["tokenize"], ["index"], ["sample", "fetch"], ["benchmark"], ["pretrain"], ["squad"], ["squad-eval"],
+               ["tokenize"], ["index"], ["pack"], ["shuffle"], ["sample", "fetch"], ["benchmark"], ["pretrain"], ["squad"], ["squad-eval"],
                ["demo"]]
 
 

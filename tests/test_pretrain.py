@@ -197,3 +197,23 @@ def test_compiled_training_matches_eager_and_fills_the_cache(shards, tmp_path):
     for a, b in zip(compiled.history, eager.history):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"]
     assert any(p.is_file() for p in (cache / "inductor").rglob("*"))
+
+
+def test_starts_from_a_real_pretrained_encoder(tmp_path):
+    """--checkpoint-input-dir with an HF BERT directory (the offline MiniLM): weights, shape
+    and tokenizer come from it; the heads it lacks are initialised."""
+    from bertforge.data.vocab import default_vocab_file
+    minilm = default_vocab_file().parent
+    result = pretrain(load_config("demo_tiny_128", {
+        "synthetic_data": True, "training_steps": 1, "micro_batch_size": 2, "global_batch_size": 2,
+        "checkpoint_input_dir": str(minilm), "checkpoint_output_dir": str(tmp_path / "run"),
+        "disable_progress_bar": True, "device": "cpu"}))
+    step_dir = result.final_checkpoint
+    saved = json.loads((step_dir / ckpt.CONFIG_FILE).read_text())
+    assert saved["model"]["hidden_size"] == 384 and saved["model"]["num_hidden_layers"] == 6
+    assert (step_dir / "vocab.txt").read_bytes() == (minilm / "vocab.txt").read_bytes()
+    source = load_file(minilm / "model.safetensors")
+    ours = load_file(step_dir / "model.safetensors")
+    key = next(k for k in source if k.endswith("encoder.layer.5.output.dense.weight"))
+    # One AdamW step moves weights by ~lr: still close to the pretrained ones, not re-initialised.
+    assert (ours["bert." + key.removeprefix("bert.")] - source[key]).abs().max() < 1e-2

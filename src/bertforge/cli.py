@@ -76,6 +76,23 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from bertforge.data.packed import pack_files
+    summary = pack_files(args.inputs, args.output_dir, sequence_length=args.sequence_length,
+                         max_sequences_per_pack=args.max_sequences_per_pack,
+                         algorithm=args.algorithm, seed=args.seed,
+                         packs_per_shard=args.packs_per_shard, workers=args.workers)
+    print(summary.line())
+    return 0
+
+
+def cmd_shuffle(args: argparse.Namespace) -> int:
+    from bertforge.data.packed import shuffle_files
+    print(shuffle_files(args.inputs, args.output_dir, seed=args.seed, num_shards=args.num_shards,
+                        workers=args.workers).line())
+    return 0
+
+
 def cmd_sample_fetch(args: argparse.Namespace) -> int:
     from bertforge.data.sample import fetch_sample
     print(f"sample: {fetch_sample(args.cache_dir)}")
@@ -194,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", type=Path, nargs="+")
     _add_workers_flag(p)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("pack", help="unpacked shards -> packed shards (several sequences per row)")
+    p.add_argument("inputs", type=Path, nargs="+", help="unpacked TFRecord shards, globs or directories")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--sequence-length", type=int, required=True)
+    p.add_argument("--max-sequences-per-pack", type=int, default=3)
+    p.add_argument("--algorithm", choices=["nnlshp", "spfhp"], default="nnlshp")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--packs-per-shard", type=int, default=65536)
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("shuffle", help="global shuffle of (packed or unpacked) shards, bounded memory")
+    p.add_argument("inputs", type=Path, nargs="+", help="TFRecord shards, globs or directories")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--num-shards", type=int, default=None, help="default: as many as inputs")
+    _add_workers_flag(p)
+    p.set_defaults(func=cmd_shuffle)
 
     sample = sub.add_parser("sample", help="the embedded real Wikipedia sample")
     ssub = sample.add_subparsers(dest="sample_command", required=True, metavar="STEP")

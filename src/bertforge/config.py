@@ -253,6 +253,8 @@ class DataSection(Section):
     eval_files: list[str] = opt([], "held-out TFRecord files or globs for evaluation",
                                 metavar="GLOB")
     eval_every: int = opt(0, "evaluate on --eval-files every N steps (0: only at the end)", ge=0)
+    packed_data: bool = opt(False, "the input files are packed (`bertforge pack`): several "
+                            "sequences per row; global batch counted in sequences")
     tokenizer: str | None = opt(None, "vocab.txt or Hugging Face tokenizer the shards were made "
                                 "with, saved into checkpoints (default: bert-base-uncased)",
                                 metavar="PATH")
@@ -431,12 +433,18 @@ class PretrainConfig(RunConfig):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     world_size: int | None = None  # set by resolve(); saved so a resume can compare
 
-    def resolve(self, world_size: int = 1) -> PretrainConfig:
+    def resolve(self, world_size: int = 1, packing_factor: float = 1.0) -> PretrainConfig:
         """Copy with gradient_accumulation / global_batch_size derived for `world_size` processes.
 
         global = micro x accumulation x world size must hold exactly: a rounded accumulation
         would silently change the optimisation recipe (the LR was tuned for that batch).
+        With packed data (`packing_factor` = mean sequences per packed row, measured on the
+        data) the global batch stays counted in sequences and the accumulation is divided by
+        the factor, rounded to the nearest whole number (at least 1); global_batch_size is then
+        the expected sequences per step.
         """
+        if packing_factor != 1.0:
+            return self._resolve_packed(world_size, packing_factor)
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world size must be a positive integer, got {world_size!r}")
         cfg = type(self).from_dict(self.to_dict())
@@ -468,6 +476,23 @@ class PretrainConfig(RunConfig):
                              "or --synthetic-data / --dataset generated to measure speed")
         cfg.world_size = world_size
         return cfg
+
+
+    def _resolve_packed(self, world_size: int, packing_factor: float) -> PretrainConfig:
+        if not packing_factor >= 1.0:
+            raise ValueError(f"packing factor {packing_factor} must be at least 1 (sequences per row)")
+        cfg = type(self).from_dict(self.to_dict())
+        t = cfg.train
+        target = t.global_batch_size or t.micro_batch_size * world_size * (t.gradient_accumulation or 1)
+        if t.global_batch_size is None or t.gradient_accumulation is None:
+            rows = t.micro_batch_size * world_size * packing_factor
+            t.gradient_accumulation = max(1, round(target / rows))
+        t.global_batch_size = target
+        unpacked = type(self).from_dict(cfg.to_dict())
+        unpacked.train.global_batch_size = None
+        resolved = PretrainConfig.resolve(unpacked, world_size)  # every other rule
+        resolved.train.global_batch_size = target
+        return resolved
 
 
 def _indivisible(global_batch: int, micro: int, world_size: int) -> str:

@@ -167,7 +167,9 @@ def nnlshp(histogram: np.ndarray, max_len: int, max_per_pack: int) -> PackingPla
     from scipy.optimize import nnls
 
     histogram = _check(histogram, max_len, max_per_pack, "nnlshp")
-    strategies = full_strategies(max_len, max_per_pack)
+    # Only strategies whose lengths all occur: one using an absent length could only over-fit.
+    present = histogram > 0
+    strategies = [s for s in full_strategies(max_len, max_per_pack) if all(present[n] for n in s)]
     matrix = np.zeros((max_len, len(strategies)))
     for column, strategy in enumerate(strategies):
         for length in strategy:

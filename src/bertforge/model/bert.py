@@ -35,6 +35,18 @@ that accumulates k micro-batches passes the whole step's counts (divided by the 
 size, since DDP averages gradients over ranks), so the summed micro-batch losses are exactly
 the mean over every labelled position of the step, whatever each micro-batch's label count.
 
+Packed batches (issue 4; `data/packed.py` writes them, docs/packing.md describes them) hold up
+to P sequences per row: `sequence_ids` (0 padding, k = k-th sequence) replaces `input_mask`,
+`position_ids` restart at 0 per sequence, `cls_positions` [B, P] locate each sequence's [CLS]
+and `next_sentence_mask` [B, P] marks real sequences. The encoder gets a block-diagonal 4D mask
+(token i sees token j only when both belong to the same sequence) through HF's SDPA path,
+so no sequence sees another: losses, logits and gradients equal those of the same sequences
+run one per row (tests/test_packed_pretrain.py, fp32 within 1e-5). NSP reads each sequence's
+[CLS] through the pooler; MLM positions are row positions, so the gathered head is unchanged.
+The mask costs B x S^2 bytes (bool; 1 MB for 4 x 512^2) and SDPA on CPU still computes the
+masked-out blocks: attention is ~10% of BERT-base FLOPs at 512, so packing keeps ~90% of its
+padding saving there; GPU variable-length flash attention would also save that.
+
 `reference_forward` is the simple path kept beside the fast one: the stock HF full-vocab head
 over every position, with labels -100 except at the masked positions; tests check both agree.
 """
@@ -52,6 +64,10 @@ from transformers.models.bert.modeling_bert import BertLMPredictionHead
 # Feature names of a pre-training record (the reference's TFRecord keys).
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
               "masked_lm_ids", "next_sentence_labels")
+# A packed batch (docs/packing.md): P sequences per row.
+PACKED_BATCH_KEYS = ("input_ids", "sequence_ids", "segment_ids", "position_ids", "cls_positions",
+                     "masked_lm_positions", "masked_lm_ids", "next_sentence_labels",
+                     "next_sentence_mask")
 
 
 @dataclasses.dataclass
@@ -89,8 +105,37 @@ def labelled_slots(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return real
 
 
+def is_packed(batch: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `batch` holds packed rows (several sequences per row, see docs/packing.md)."""
+    return "sequence_ids" in batch
+
+
+def num_sequences(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sequences in the batch (0-dim tensor): rows, or real NSP slots of packed rows. The loop
+    normalises the NSP loss and counts throughput with this, so it matches the model's count."""
+    if is_packed(batch):
+        return (batch["next_sentence_mask"] > 0).sum()
+    return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+
+
+def block_diagonal_mask(sequence_ids: torch.Tensor, additive_dtype: torch.dtype | None = None
+                        ) -> torch.Tensor:
+    """[B, 1, S, S] attention mask: query i may attend key j iff both carry the same sequence id.
+
+    Padding (id 0) attends only to padding, so no row is fully masked (SDPA would return NaN)
+    and no real token sees padding. Boolean (True = attend) for SDPA; with `additive_dtype`,
+    0 / dtype-min for HF's eager path, which adds the mask to the scores.
+    """
+    allowed = (sequence_ids.unsqueeze(2) == sequence_ids.unsqueeze(1)).unsqueeze(1)
+    if additive_dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(additive_dtype).min)
+
+
 def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    keys = PACKED_BATCH_KEYS if is_packed(batch) else BATCH_KEYS
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"pre-training batch lacks {missing}; it needs the features {list(BATCH_KEYS)} "
                          "(the names create_pretraining_data writes)")
@@ -174,19 +219,31 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
     """
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence_output [B, S, H], pooled [CLS] output [B, H]) of the encoder.
+        """(sequence_output [B, S, H], pooled [CLS] output: [B, H], or [B, P, H] when packed).
 
-        A separate method so that packed sequences (a later issue) can pass a block-diagonal
-        attention mask and per-sequence position_ids here without touching the heads.
+        Packed rows get the block-diagonal mask and their own position_ids, and the pooler runs
+        on each sequence's [CLS] (`cls_positions`) instead of row position 0.
         """
-        out = self.bert(
-            batch["input_ids"],
-            attention_mask=batch["input_mask"],
-            token_type_ids=batch["segment_ids"],
-            position_ids=batch.get("position_ids"),
-            return_dict=True,
-        )
-        return out.last_hidden_state, out.pooler_output
+        if not is_packed(batch):
+            out = self.bert(
+                batch["input_ids"],
+                attention_mask=batch["input_mask"],
+                token_type_ids=batch["segment_ids"],
+                position_ids=batch.get("position_ids"),
+                return_dict=True,
+            )
+            return out.last_hidden_state, out.pooler_output
+        additive = None if self.config._attn_implementation == "sdpa" else self.dtype
+        mask = block_diagonal_mask(batch["sequence_ids"], additive)
+        embeddings = self.bert.embeddings(input_ids=batch["input_ids"],
+                                          token_type_ids=batch["segment_ids"],
+                                          position_ids=batch["position_ids"])
+        # The encoder alone: BertModel.forward would also pool row position 0 (wasted work).
+        hidden = self.bert.encoder(embeddings, attention_mask=mask, return_dict=True).last_hidden_state
+        cls_positions = batch["cls_positions"].reshape(hidden.shape[0], -1)
+        cls = torch.gather(hidden, 1, cls_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        pooled = self.bert.pooler.activation(self.bert.pooler.dense(cls))
+        return hidden, pooled
 
     def forward(self, batch: Mapping[str, torch.Tensor], *,
                 mlm_normalizer: float | torch.Tensor | None = None,
@@ -211,6 +268,9 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         mlm_sum, mlm_correct = decoder_cross_entropy(hidden, head.decoder.weight, head.decoder.bias, mlm_labels)
         nsp_logits = self.cls.seq_relationship(pooled)
         nsp_labels = batch["next_sentence_labels"].reshape(-1)
+        if is_packed(batch):  # one NSP prediction per real sequence of each row
+            valid = batch["next_sentence_mask"].reshape(-1) > 0
+            nsp_logits, nsp_labels = nsp_logits.reshape(-1, nsp_logits.shape[-1])[valid], nsp_labels[valid]
         return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp_logits, nsp_labels, batch,
                             mlm_normalizer, nsp_normalizer)
 
@@ -219,6 +279,9 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
                           nsp_normalizer: float | torch.Tensor | None = None) -> PretrainingOutput:
         """The simple path: HF's full head over every position (S x vocab logits per sequence),
         labels -100 except at the labelled masked positions. Slow; for tests and checks."""
+        if is_packed(batch):
+            raise ValueError("reference_forward takes unpacked batches; compare a packed batch "
+                             "with its sequences run one per row through forward")
         _check_batch(batch)
         input_ids = batch["input_ids"]
         real = labelled_slots(batch)
@@ -252,7 +315,8 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         nsp_loss = nsp_sum / (num_sequences.clamp(min=1) if nsp_normalizer is None else nsp_normalizer)
         with torch.no_grad():
             nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
-            num_tokens = batch["input_mask"].sum()
+            num_tokens = ((batch["sequence_ids"] > 0).sum() if is_packed(batch)
+                          else batch["input_mask"].sum())
         return PretrainingOutput(
             loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
             mlm_acc=mlm_correct / num_masked.clamp(min=1),

@@ -90,7 +90,8 @@ def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
 
 
 def build_windows(examples: Sequence[SquadExample], tokenizer, spec: WindowSpec, *,
-                  is_training: bool, workers: int = 1) -> list[Window]:
+                  is_training: bool, workers: int = 1,
+                  chunk_examples: int = CHUNK_EXAMPLES) -> list[Window]:
     """All windows of `examples`, in example order; see the module docstring."""
     tok = plain_tokenizer(tokenizer)
     budget_min = spec.sequence_length - spec.max_query_length - 3
@@ -99,11 +100,11 @@ def build_windows(examples: Sequence[SquadExample], tokenizer, spec: WindowSpec,
                          f"max_query_length - 3 = {budget_min}")
     records = [(e.question, e.context, _answer_chars(e) if is_training else None)
                for e in examples]
-    starts = list(range(0, len(records), CHUNK_EXAMPLES))
+    starts = list(range(0, len(records), chunk_examples))
     if workers <= 1 or len(starts) <= 1:
-        parts = [_chunk_windows(tok, records[s:s + CHUNK_EXAMPLES], s, spec) for s in starts]
+        parts = [_chunk_windows(tok, records[s:s + chunk_examples], s, spec) for s in starts]
     else:
-        tasks = [(tok.to_str(), records[s:s + CHUNK_EXAMPLES], s, spec) for s in starts]
+        tasks = [(tok.to_str(), records[s:s + chunk_examples], s, spec) for s in starts]
         # spawn: the parent may hold torch/tokenizers thread pools that fork would copy broken.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             parts = pool.starmap(_chunk_windows_from_json, tasks)

@@ -69,8 +69,10 @@ def _softmax(scores: list[float]) -> list[float]:
 
 
 def window_candidates(window: Window, start_logits: np.ndarray, end_logits: np.ndarray, *,
-                      n_best_size: int, max_answer_length: int) -> list[tuple[float, int, int]]:
-    """(score, first context token, last context token) of the valid spans of one window."""
+                      n_best_size: int, max_answer_length: int
+                      ) -> list[tuple[float, int, int, float, float]]:
+    """(score, first context token, last context token, start logit, end logit) of the valid
+    spans of one window; tokens are indices into `window.offsets`."""
     length = len(window)
     start_logits = np.asarray(start_logits[:length], dtype=np.float64)
     end_logits = np.asarray(end_logits[:length], dtype=np.float64)

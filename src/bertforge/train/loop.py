@@ -18,6 +18,7 @@ the gradient all-reduce.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -101,6 +102,10 @@ class Trainer:
                 enable_activation_checkpointing(model)
             if c.resume_training_from_checkpoint:
                 self.state = ckpt.load_training_state(Path(source))
+            # The checkpoint decides the shape: record it in the run config that gets saved.
+            for f in dataclasses.fields(cfg.model):
+                if hasattr(model.config, f.name) and f.name != "attn_implementation":
+                    setattr(cfg.model, f.name, getattr(model.config, f.name))
         else:
             model = build_pretraining_model(cfg.model.to_bert_config(),
                                             activation_checkpointing=cfg.model.activation_checkpointing,
