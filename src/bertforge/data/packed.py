@@ -22,7 +22,7 @@ input_ids, sequence_ids (0 padding, k = k-th sequence), segment_ids, position_id
 0 per sequence) [S]; masked_lm_positions, masked_lm_ids, masked_lm_sequence [M'];
 next_sentence_labels, next_sentence_mask, cls_positions [P]. Sequence k's [CLS] is the first
 token of its span (unlike the reference packer: `from_reference_layout` reads that layout).
-`packing.json` in the output directory records the plan (packing factor, efficiency).
+`.bertforge-packing.json` in the output directory records the plan (packing factor, efficiency).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from bertforge.data.shards import ShardSpill, encode_example_batch, write_shard_
 from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete, progress
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index, read_record_at
 
-PLAN_FILE = "packing.json"
+PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
 _CHUNK = 4096  # records decoded at once in the lengths pass
 REFERENCE_KEYS = ("packed_input_ids", "packed_input_mask", "packed_segment_ids",
                   "packed_position_ids", "packed_masked_lm_positions", "packed_masked_lm_ids",
@@ -115,7 +116,7 @@ def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slo
             count = int(real.sum())
             if used + count > m:
                 raise ValueError(f"a pack needs {used + count} prediction slots but the packed "
-                                 f"format has {m}; raise --max-predictions")
+                                 f"format has {m} (mask_slots)")
             out["masked_lm_positions"][row, used:used + count] = arrays["masked_lm_positions"][i][real] + start
             out["masked_lm_ids"][row, used:used + count] = arrays["masked_lm_ids"][i][real]
             out["masked_lm_sequence"][row, used:used + count] = k
@@ -179,8 +180,10 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int, max_sequ
     predictions = np.concatenate([s[1] for s in scanned]).astype(np.int64)
     if not len(lengths):
         raise ValueError(f"no records in {files[0]}...; nothing to pack")
+    solve_start = time.perf_counter()
     plan = pack_histogram(length_histogram(lengths, sequence_length), sequence_length,
                           max_sequences_per_pack, algorithm)
+    solve_time = time.perf_counter() - solve_start
     packs = assign_packs(lengths, plan, seed)
     packs = packs[np.random.default_rng([seed, 1]).permutation(len(packs))]
     width = packs.shape[1]
@@ -211,7 +214,7 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int, max_sequ
              "packing_factor": plan.packing_factor}
     (output_dir / PLAN_FILE).write_text(json.dumps(stats, indent=1))
     mark_complete(output_dir, "pack", params, [*paths, output_dir / PLAN_FILE], summary)
-    print(plan.summary())
+    print(f"{plan.summary()}; {algorithm} solved in {solve_time:.2f} s")
     return summary
 
 

@@ -176,8 +176,10 @@ def nnlshp(histogram: np.ndarray, max_len: int, max_per_pack: int) -> PackingPla
             matrix[length - 1, column] += 1
     weights = np.ones(max_len)
     weights[:_SHORT_LENGTHS] = _SHORT_WEIGHT
-    solution, _ = nnls(matrix * weights[:, None], histogram[1:] * weights, maxiter=50 * max_len)
-    repeats = np.floor(solution).astype(np.int64)
+    repeats = np.zeros(len(strategies), dtype=np.int64)
+    if strategies:  # (scipy's nnls crashes on a matrix without columns)
+        solution, _ = nnls(matrix * weights[:, None], histogram[1:] * weights, maxiter=50 * max_len)
+        repeats = np.floor(solution).astype(np.int64)
     used = np.zeros(max_len + 1, dtype=np.int64)
     used[1:] = matrix.astype(np.int64) @ repeats
     # Floor never over-uses a length when the fit is exact; where the least-squares fit
@@ -215,6 +217,7 @@ def _plan(packs: dict[tuple[int, ...], int], histogram: np.ndarray, max_len: int
 def pack_histogram(histogram: np.ndarray, max_len: int, max_per_pack: int = 3,
                    algorithm: str = "nnlshp") -> PackingPlan:
     """Solve a length histogram (bins 0..max_len) with the named algorithm."""
+    _check(histogram, max_len, max_per_pack, algorithm)
     if algorithm == "spfhp":
         return spfhp(histogram, max_len, max_per_pack)
     return nnlshp(histogram, max_len, max_per_pack)

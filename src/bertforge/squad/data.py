@@ -14,8 +14,8 @@ so the checks live in one place:
   stop a 88k-question run; if every answer is bad the run stops with an error instead.
   Evaluation never reads answer_start (the metric compares texts), so it is not checked there.
 
-Cost: parsing the 30 MB train-v1.1.json takes ~0.5 s; the checks add ~0.1 s (one slice
-compare per answer).
+Cost: reading and checking 3.3 MB of SQuAD-shaped JSON (9.5k questions) takes 0.05 s here,
+so ~0.5 s for the 30 MB train-v1.1.json; the checks are one slice compare per answer.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ windows / G) unless --training-steps is given.
 Loss: mean over the global batch of (CE(start) + CE(end)) / 2, the softmax taken over a
 window's real tokens (padding logits masked). The reference let padded positions into the
 softmax; masking them makes the loss independent of the batch layout (padded to 384, to the
-longest window, or packed) at no cost. Rows are padded to the batch's longest window (~40%
-fewer token slots than 384 on SQuAD-shaped data), or to --sequence-length with --compile so
-the graph is compiled once.
+longest window, or packed) at no cost. Rows are padded to the batch's longest window, or to
+--sequence-length with --compile so the graph is compiled once. SQuAD-shaped windows average
+193 real tokens (50% of 384) but 3% are full, so padding to the longest saves only 4-10% of
+token slots at micro-batch 32-16; packing windows (issue 5, item 7) would remove the rest.
 
 Validation runs on rank 0 after training: logits per window, post-processing, predictions.json
 / nbest_predictions.json / null_odds.json, and the official metric; for SQuAD 2.0 the result
@@ -32,6 +33,7 @@ includes the best null-score threshold found on that set (rerun with it as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -220,6 +222,11 @@ class SquadTrainer:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.model = build_qa_model(self.source, cfg.model,
                                     need_trained_head=not s.squad_do_training).to(ctx.device)
+        if self.source is not None:
+            # The checkpoint decides the shape: record it in the run config that gets saved.
+            for f in dataclasses.fields(cfg.model):
+                if hasattr(self.model.config, f.name) and f.name != "attn_implementation":
+                    setattr(cfg.model, f.name, getattr(self.model.config, f.name))
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
                              f"vocab_size is {self.model.config.vocab_size}; give the tokenizer "

@@ -17,8 +17,8 @@ the batch layout (padded to 384, to the longest window, or packed), and the pred
 not depend on it. The reference ranked padded positions too; a position there could only
 crowd a valid candidate out of the top 20 when padding logits rank among the best 20.
 
-Cost: one argsort per window and a 20 x 20 score matrix, ~60 us per window here: ~1 s for
-the 10,833 windows of SQuAD v1.1 dev at 384.
+Cost: one argsort per window and a 20 x 20 score matrix: 110 us per window measured here
+(9,821 SQuAD-shaped windows with random logits in 1.07 s), so ~1.2 s for SQuAD v1.1 dev.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ import torch
 import transformers
 
 from bertforge.config import PretrainConfig
-from bertforge.model.bert import GatheredBertForPreTraining, build_pretraining_model, labelled_slots
+from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model, labelled_slots,
+                                  num_sequences)
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, init_distributed,
                                          shutdown, sync_gradients, wrap_model)
@@ -186,8 +187,9 @@ class Trainer:
     # ------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         ctx = self.ctx
-        counts = torch.stack([torch.stack([labelled_slots(b).sum(), torch.tensor(
-            b["input_ids"].shape[0], device=b["input_ids"].device)]) for b in micro_batches]).sum(0)
+        # Sequences, not rows: a packed row holds several (its NSP mask says how many).
+        counts = torch.stack([torch.stack([labelled_slots(b).sum(), num_sequences(b)])
+                              for b in micro_batches]).sum(0)
         counts = all_reduce_sum(counts.to(torch.float64), ctx)
         # DDP averages gradients over ranks: scale normalisers so the average is the global mean.
         mlm_norm = (counts[0].clamp(min=1) / ctx.world_size).float()
@@ -221,7 +223,7 @@ class Trainer:
         sums = torch.zeros(6, dtype=torch.float64, device=self.ctx.device)
         for batch in eval_batches(d.eval_files, micro_batch_size=self.cfg.train.micro_batch_size,
                                   rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                  device=self.ctx.device):
+                                  device=self.ctx.device, packed=d.packed_data):
             with self.precision.autocast():
                 out = self.model(batch, mlm_normalizer=1.0, nsp_normalizer=1.0)
             sums += torch.stack([out.mlm_loss, out.nsp_loss, out.num_mlm_correct, out.num_masked,
@@ -313,10 +315,27 @@ class Trainer:
         return result
 
 
+def data_packing_factor(data) -> float:
+    """Sequences per row of the training data: 1 unpacked, measured on a sample of packed
+    records with --packed-data (so the global batch stays counted in sequences). Mixed packed
+    and unpacked inputs, or a kind that contradicts --packed-data, are refused here."""
+    if data.synthetic_data or data.dataset != "pretraining" or not data.input_files:
+        return 1.0
+    from bertforge.data.packed import check_inputs, measure_packing_factor
+    check_inputs(data.input_files, data.packed_data)
+    if data.eval_files:
+        check_inputs(data.eval_files, data.packed_data)
+    if not data.packed_data:
+        return 1.0
+    factor = measure_packing_factor(data.input_files)
+    log.info("packed data: %.3f sequences per row; gradient accumulation divided by it", factor)
+    return factor
+
+
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Resolve `cfg` for this process group and train; the entry point of `bertforge pretrain`."""
     ctx = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg.resolve(ctx.world_size), ctx).run()
+        return Trainer(cfg.resolve(ctx.world_size, data_packing_factor(cfg.data)), ctx).run()
     finally:
         shutdown(ctx)

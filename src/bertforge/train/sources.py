@@ -1,6 +1,7 @@
 """Batch sources for pre-training: TFRecord shards, or random data to measure compute alone.
 
-- `pretraining`: shards through `data.loader.PretrainingDataset` (exact resume by batch index).
+- `pretraining`: shards through `data.loader.PretrainingDataset` (exact resume by batch index);
+  with --packed-data the batches are packed rows (the reference packer's layout converted).
 - `generated` (the reference's --dataset generated): one random record repeated, still passing
   through the host-to-device copy every step.
 - `--synthetic-data`: one random batch made once on the device and reused: no input cost at all.
@@ -62,13 +63,19 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
                                  seed=seed, rank=rank, world_size=world_size,
                                  start_batch=start_batch)
     loader = make_dataloader(dataset, data.dataloader_workers)
+    if data.packed_data:  # the reference packer's layout is converted on the fly
+        from bertforge.data.packed import packed_batch
+        return (to_device(packed_batch(b), device) for b in loader)
     return (to_device(b, device) for b in loader)
 
 
 def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_size: int,
-                 device: torch.device) -> Iterator[dict]:
+                 device: torch.device, packed: bool = False) -> Iterator[dict]:
     """One pass over held-out records, this rank's share, in file order."""
     from bertforge.data.loader import PretrainingDataset, make_dataloader
     dataset = PretrainingDataset(files, micro_batch_size, shuffle=False, rank=rank,
                                  world_size=world_size, infinite=False)
+    if packed:
+        from bertforge.data.packed import packed_batch
+        return (to_device(packed_batch(b), device) for b in make_dataloader(dataset, 0))
     return (to_device(b, device) for b in make_dataloader(dataset, 0))

@@ -1,0 +1,153 @@
+"""Sequence packing benchmarks (issue 4, item 7), three parts:
+
+  solve  NNLSHP vs SPFHP efficiency and solve time at S = 128/384/512 on Wikipedia-shaped
+         histograms of 16M sequences (half at/near full length, a long tail of short ones;
+         the same shape as tests/test_packing.py). Paper, Wikipedia 512: NNLSHP P=3 99.75%
+         in ~24 s, SPFHP 99.6% in 0.03 s.
+  pack   end-to-end `bertforge pack` sequences/s on real unpacked shards.
+  train  CPU pre-training real tokens/s, packed vs unpacked, on the SAME data (unpacked
+         shards and the packed shards made from them), interleaved rounds, median reported;
+         compared with the theoretical speed-up the packer reported (floor: 0.9x of it).
+
+    python benchmarks/bench_packing.py solve [--sequences 16000000]
+    python benchmarks/bench_packing.py pack UNPACKED_DIR --sequence-length 512 [--output DIR]
+    python benchmarks/bench_packing.py train --unpacked 'u512/*.tfrecord' --packed 'p512/*.tfrecord'
+
+Lines read by benchmarks.yml: `throughput: X samples/sec` (sequences/s) and
+`real tokens/s: X`. Results and machine: docs/packing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+
+def wikipedia_like_histogram(sequence_length: int, n: int, seed: int = 0) -> np.ndarray:
+    from bertforge.data.packing import length_histogram
+    rng = np.random.default_rng(seed)
+    full, near = int(n * 0.45), int(n * 0.05)
+    uniform = int((n - full - near) * 0.3)
+    tail = n - full - near - uniform
+    lengths = np.concatenate([
+        np.full(full, sequence_length), rng.integers(sequence_length - 24, sequence_length, near),
+        rng.integers(8, sequence_length, uniform),
+        np.clip(rng.geometric(3 / sequence_length, tail), 2, sequence_length)])
+    return length_histogram(lengths, sequence_length)
+
+
+def bench_solve(args) -> None:
+    from bertforge.data.packing import pack_histogram
+    for s in args.sequence_lengths:
+        histogram = wikipedia_like_histogram(s, args.sequences)
+        for algorithm, p in (("nnlshp", 3), ("spfhp", 3), ("spfhp", 8)):
+            start = time.perf_counter()
+            plan = pack_histogram(histogram, s, p, algorithm)
+            took = time.perf_counter() - start
+            print(f"S={s} {algorithm} P={p}: efficiency {100 * plan.efficiency:.2f}% "
+                  f"speed-up {plan.packing_factor:.3f}x packs {plan.num_packs:,} "
+                  f"solve time: {took:.3f} s", flush=True)
+
+
+def bench_pack(args) -> None:
+    from bertforge.data.packed import pack_files
+    out = Path(args.output or tempfile.mkdtemp(prefix="bench-pack-"))
+    start = time.perf_counter()
+    summary = pack_files([args.input], out, sequence_length=args.sequence_length,
+                         algorithm=args.algorithm, workers=args.workers)
+    took = time.perf_counter() - start
+    n = summary.counts["sequences in"]
+    print(summary.line())
+    print(f"pack: {n:,} sequences in {took:.2f} s; throughput: {n / took:.1f} samples/sec")
+
+
+def _batches(files, batch_size, packed, count):
+    from bertforge.data.loader import PretrainingDataset
+    from bertforge.data.packed import packed_batch
+    it = iter(PretrainingDataset(files, batch_size, shuffle=True, seed=0))
+    return [packed_batch(next(it)) if packed else next(it) for _ in range(count)]
+
+
+def bench_train(args) -> None:
+    from bertforge.data.packed import measure_packing_factor
+    from bertforge.model.bert import build_pretraining_model, num_sequences
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden_size,
+        max_position_embeddings=512, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = build_pretraining_model(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    factor = measure_packing_factor(args.packed)
+    variants = {"unpacked": _batches(args.unpacked, args.batch_size, False, args.steps + 1),
+                "packed": _batches(args.packed, args.batch_size, True, args.steps + 1)}
+    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, batches in variants.items():
+            seqs = toks = 0
+            for i, batch in enumerate(batches):
+                if i == 1:  # first step is warm-up
+                    start = time.perf_counter()
+                out = model(batch)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i >= 1:
+                    seqs += int(num_sequences(batch))
+                    toks += int(out.num_tokens)
+            took = time.perf_counter() - start
+            rates[name].append((seqs / took, toks / took))
+    result = {}
+    for name, values in rates.items():
+        sps = statistics.median(v[0] for v in values)
+        tps = statistics.median(v[1] for v in values)
+        result[name] = tps
+        print(f"{name}: throughput: {sps:.1f} samples/sec - real tokens/s: {tps:.0f}")
+    speedup = result["packed"] / result["unpacked"]
+    print(f"packed/unpacked real tokens/s: {speedup:.3f}x; theoretical (packing factor) "
+          f"{factor:.3f}x; ratio to theoretical {speedup / factor:.3f} (floor 0.9)")
+    print(json.dumps({"speedup": speedup, "packing_factor": factor}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    p = sub.add_parser("solve")
+    p.add_argument("--sequences", type=int, default=16_000_000)
+    p.add_argument("--sequence-lengths", type=int, nargs="+", default=[128, 384, 512])
+    p.set_defaults(func=bench_solve)
+    p = sub.add_parser("pack")
+    p.add_argument("input")
+    p.add_argument("--sequence-length", type=int, required=True)
+    p.add_argument("--algorithm", default="nnlshp")
+    p.add_argument("--output", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=bench_pack)
+    p = sub.add_parser("train")
+    p.add_argument("--unpacked", required=True)
+    p.add_argument("--packed", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=bench_train)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""CUDA paths (bf16/fp16 autocast, fused AdamW on GPU, SDPA kernels, NCCL): run on a GPU machine.
+
+Marked `gpu` and skipped when no CUDA device is visible, so the CPU suite stays green; on a
+GPU machine `pytest -m gpu` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_pretrain import losses, tiny_config, write_random_shards
+
+from bertforge.train.loop import pretrain
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_random_shards(tmp_path_factory.mktemp("gpu-shards"))
+
+
+@pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}),
+                                             ("fp16", {"auto_loss_scaling": True})])
+def test_cuda_training_tracks_cpu_fp32(shards, tmp_path, precision, extra):
+    cpu = pretrain(tiny_config(shards, tmp_path / "cpu", training_steps=3, hidden_dropout_prob=0.0))
+    gpu = pretrain(tiny_config(shards, tmp_path / precision, training_steps=3, device="cuda",
+                               precision=precision, hidden_dropout_prob=0.0, **extra))
+    tolerance = 1e-4 if precision == "fp32" else 0.03
+    for a, b in zip(gpu.history, cpu.history):
+        assert abs(a["loss"] - b["loss"]) < tolerance * b["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+def test_nccl_ddp_equals_one_gpu(shards, tmp_path):
+    common = ["--config", "unit_test", "--input-files", shards, "--sequence-length", "32",
+              "--mask-tokens", "5", "--micro-batch-size", "4", "--training-steps", "3",
+              "--dataloader-workers", "0", "--disable-progress-bar", "--device", "cuda",
+              "--max-position-embeddings", "64", "--hidden-dropout-prob", "0",
+              "--global-batch-size", "8"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--standalone", "-m", "bertforge", "pretrain", *common,
+                    "--checkpoint-output-dir", str(tmp_path / "ddp")], check=True, timeout=600,
+                   env=os.environ.copy())
+    subprocess.run([sys.executable, "-m", "bertforge", "pretrain", *common,
+                    "--checkpoint-output-dir", str(tmp_path / "one")], check=True, timeout=600)
+    a = load_file(tmp_path / "ddp" / "step_3" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "step_3" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert len(losses(tmp_path / "ddp")) == 3
