@@ -57,6 +57,7 @@ from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, i
 from bertforge.train.metrics import MetricsLogger
 from bertforge.train.optim import build_optimizer
 from bertforge.train.precision import Precision
+from bertforge.train.runtime import configure_compile_cache, default_run_dir, seed_everything
 from bertforge.train.schedule import build_scheduler
 
 log = logging.getLogger("bertforge")
@@ -193,7 +194,6 @@ class SquadTrainer:
     def __init__(self, cfg: SquadConfig, ctx: DistContext):
         import transformers
 
-        from bertforge.train.loop import configure_compile_cache, seed_everything
         self.cfg, self.ctx = cfg, ctx
         t, c, s = cfg.train, cfg.checkpoint, cfg.squad
         configure_compile_cache(t.executable_cache_dir)
@@ -209,8 +209,7 @@ class SquadTrainer:
         elif self.state is not None:
             self.run_dir = Path(self.source).parent
         else:
-            from bertforge.train.loop import default_run_dir
-            self.run_dir = default_run_dir(cfg)
+            self.run_dir = default_run_dir(cfg.config, recipe="squad")
         if ctx.is_main:
             if s.squad_do_training:
                 ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)

@@ -94,7 +94,6 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_s
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        model.config.architectures = ["BertForPreTraining"]
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_dir is not None:
             for item in tokenizer_dir.iterdir():

@@ -21,14 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
 
@@ -41,6 +38,7 @@ from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, i
 from bertforge.train.metrics import MetricsLogger, format_step_line
 from bertforge.train.optim import build_optimizer
 from bertforge.train.precision import Precision
+from bertforge.train.runtime import configure_compile_cache, default_run_dir, seed_everything
 from bertforge.train.schedule import build_scheduler
 from bertforge.train.sources import eval_batches, random_batch, to_device, training_batches
 
@@ -58,30 +56,6 @@ class TrainResult:
     def last_mean(self, key: str, n: int = 10) -> float:
         values = [h[key] for h in self.history[-n:]]
         return sum(values) / max(1, len(values))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_compile_cache(cache_dir: str | None) -> None:
-    """Persist Inductor/Triton artifacts so an identical later run skips most compilation."""
-    if not cache_dir:
-        return
-    path = Path(cache_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-
-
-def default_run_dir(cfg: PretrainConfig) -> Path:
-    return Path("runs") / f"{cfg.config or 'pretrain'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class Trainer:
@@ -117,7 +91,7 @@ class Trainer:
         elif self.state is not None:
             self.run_dir = Path(source).parent
         else:
-            self.run_dir = default_run_dir(cfg)
+            self.run_dir = default_run_dir(cfg.config)
         if ctx.is_main:
             ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)
         self.model = model.to(ctx.device)
