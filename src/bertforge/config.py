@@ -312,6 +312,26 @@ class TrainSection(Section):
     wandb: bool = opt(False, "log losses, accuracies, LR and throughput to Weights & Biases")
     wandb_project: str = opt("bertforge", "Weights & Biases project name", metavar="NAME")
 
+    def split_batch(self, world_size: int) -> None:
+        """Fill gradient_accumulation / global_batch_size so that global = micro x accumulation
+        x world size holds exactly: a rounded accumulation would silently change the recipe
+        (the learning rate was tuned for that batch)."""
+        per_step = self.micro_batch_size * world_size
+        if self.gradient_accumulation is None:
+            target = self.global_batch_size or per_step
+            if target % per_step:
+                raise ValueError(_indivisible(target, self.micro_batch_size, world_size))
+            self.gradient_accumulation = target // per_step
+        implied = per_step * self.gradient_accumulation
+        if self.global_batch_size is None:
+            self.global_batch_size = implied
+        elif self.global_batch_size != implied:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} != micro_batch_size "
+                f"{self.micro_batch_size} x gradient_accumulation {self.gradient_accumulation} x "
+                f"world size {world_size} = {implied}; give only one of --global-batch-size and "
+                "--gradient-accumulation (or --gradient-accumulation none to derive it)")
+
     def check(self) -> None:
         if self.precision != "fp16":
             knob = ("auto_loss_scaling" if self.auto_loss_scaling
@@ -449,21 +469,7 @@ class PretrainConfig(RunConfig):
             raise ValueError(f"world size must be a positive integer, got {world_size!r}")
         cfg = type(self).from_dict(self.to_dict())
         t = cfg.train
-        per_step = t.micro_batch_size * world_size
-        if t.gradient_accumulation is None:
-            target = t.global_batch_size or per_step
-            if target % per_step:
-                raise ValueError(_indivisible(target, t.micro_batch_size, world_size))
-            t.gradient_accumulation = target // per_step
-        implied = per_step * t.gradient_accumulation
-        if t.global_batch_size is None:
-            t.global_batch_size = implied
-        elif t.global_batch_size != implied:
-            raise ValueError(
-                f"global_batch_size {t.global_batch_size} != micro_batch_size "
-                f"{t.micro_batch_size} x gradient_accumulation {t.gradient_accumulation} x world "
-                f"size {world_size} = {implied}; give only one of --global-batch-size and "
-                "--gradient-accumulation (or --gradient-accumulation none to derive it)")
+        t.split_batch(world_size)
         t.compile = t.compile or t.compile_only
         if cfg.data.sequence_length > cfg.model.max_position_embeddings:
             raise ValueError(f"sequence_length {cfg.data.sequence_length} exceeds "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from bertforge.config import (CheckpointSection, ModelSection, OptimSection, RunConfig, Section,
-                              TrainSection, _indivisible, opt)
+                              TrainSection, opt)
 
 
 @dataclass
@@ -114,21 +114,7 @@ class SquadConfig(RunConfig):
             raise ValueError(f"world size must be a positive integer, got {world_size!r}")
         cfg = type(self).from_dict(self.to_dict())
         t, d, s = cfg.train, cfg.data, cfg.squad
-        per_step = t.micro_batch_size * world_size
-        if t.gradient_accumulation is None:
-            target = t.global_batch_size or per_step
-            if target % per_step:
-                raise ValueError(_indivisible(target, t.micro_batch_size, world_size))
-            t.gradient_accumulation = target // per_step
-        implied = per_step * t.gradient_accumulation
-        if t.global_batch_size is None:
-            t.global_batch_size = implied
-        elif t.global_batch_size != implied:
-            raise ValueError(
-                f"global_batch_size {t.global_batch_size} != micro_batch_size "
-                f"{t.micro_batch_size} x gradient_accumulation {t.gradient_accumulation} x world "
-                f"size {world_size} = {implied}; give only one of --global-batch-size and "
-                "--gradient-accumulation")
+        t.split_batch(world_size)
         if t.compile_only:
             raise ValueError("--compile-only is a pre-training option; for SQuAD use --compile "
                              "with --executable-cache-dir (the first run fills the cache)")
