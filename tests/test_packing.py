@@ -184,5 +184,6 @@ def test_shuffle_keeps_every_record_and_mixes_files(tmp_path):
     assert all(any(r in first_input for r in iter_records(f)) for f in files)  # mixed
     assert not (tmp_path / "out" / ".shuffle-spill").exists()
     again = shuffle_files(inputs, tmp_path / "again", seed=3, num_shards=3, workers=1)
+    assert again.counts["records out"] == 400
     assert [r for f in sorted((tmp_path / "again").glob("shuffled-*")) if not f.name.endswith(".index")
             for r in iter_records(f)] == after  # deterministic for a seed

@@ -40,7 +40,7 @@ _ZERO = np.zeros(1, dtype=np.int64)
 _header_cache: dict[tuple[str, bytes, int], bytes] = {}
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
     """Varint of a non-negative Python int (tags, lengths)."""
     if value < 0x80:
         return bytes((value,))
@@ -93,10 +93,10 @@ def _entry_header(name: str, tag: bytes, size: int) -> bytes:
     header = _header_cache.get((name, tag, size))
     if header is None:
         key = name.encode()
-        packed = b"\x0a" + _varint(size) if size else b""  # an empty list is an empty List
-        feature = tag + _varint(len(packed) + size) + packed
-        entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature) + size) + feature
-        header = b"\x0a" + _varint(len(entry) + size) + entry
+        packed = b"\x0a" + encode_varint(size) if size else b""  # an empty list is an empty List
+        feature = tag + encode_varint(len(packed) + size) + packed
+        entry = b"\x0a" + encode_varint(len(key)) + key + b"\x12" + encode_varint(len(feature) + size) + feature
+        header = b"\x0a" + encode_varint(len(entry) + size) + entry
         if len(_header_cache) < 1 << 16:
             _header_cache[(name, tag, size)] = header
     return header
@@ -126,7 +126,7 @@ def encode_example(int64_features: dict[str, np.ndarray],
         parts.append(_entry_header(name, _FLOAT, len(payload)))
         parts.append(payload)
     features = b"".join(parts)
-    return b"\x0a" + _varint(len(features)) + features
+    return b"\x0a" + encode_varint(len(features)) + features
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

@@ -117,7 +117,8 @@ def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slo
             if used + count > m:
                 raise ValueError(f"a pack needs {used + count} prediction slots but the packed "
                                  f"format has {m} (mask_slots)")
-            out["masked_lm_positions"][row, used:used + count] = arrays["masked_lm_positions"][i][real] + start
+            slots = slice(used, used + count)
+            out["masked_lm_positions"][row, slots] = arrays["masked_lm_positions"][i][real] + start
             out["masked_lm_ids"][row, used:used + count] = arrays["masked_lm_ids"][i][real]
             out["masked_lm_sequence"][row, used:used + count] = k
             out["next_sentence_labels"][row, k - 1] = nsp[i]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertforge.data.example import encode_varint
 from bertforge.data.tfrecord import RecordWriter
 
 _BLOCK_HEADER = struct.Struct("<Q")
@@ -95,14 +96,6 @@ def _varint_len(values: np.ndarray) -> np.ndarray:
     return 1 + (values >= 1 << 7) + (values >= 1 << 14) + (values >= 1 << 21) + (values >= 1 << 28)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 def _const(n: int, data: bytes) -> tuple[np.ndarray, np.ndarray]:
     row = np.frombuffer(data, dtype=np.uint8)
@@ -133,13 +126,13 @@ def encode_example_batch(int64_features: dict[str, np.ndarray],
     def add_feature(name: str, tag: bytes, payload: tuple[np.ndarray, np.ndarray],
                     payload_len: np.ndarray) -> None:
         key = name.encode()
-        prefix = b"\x0a" + _varint(len(key)) + key + b"\x12"  # map entry: key, then value
+        prefix = b"\x0a" + encode_varint(len(key)) + key + b"\x12"  # map entry: key, then value
         if (payload_len == payload_len[0]).all():  # same sizes in every row: one header
             size = int(payload_len[0])
-            inner = b"\x0a" + _varint(size)                   # List{1: packed}
-            feature = tag + _varint(len(inner) + size) + inner  # Feature{tag: List}
-            entry = prefix + _varint(len(feature) + size) + feature
-            header = b"\x0a" + _varint(len(entry) + size) + entry
+            inner = b"\x0a" + encode_varint(size)                   # List{1: packed}
+            feature = tag + encode_varint(len(inner) + size) + inner  # Feature{tag: List}
+            entry = prefix + encode_varint(len(feature) + size) + feature
+            header = b"\x0a" + encode_varint(len(entry) + size) + entry
             pieces.extend([_const(n, header), payload])
             total[:] += len(header) + size
             return
