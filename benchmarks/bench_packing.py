@@ -5,13 +5,14 @@
          the same shape as tests/test_packing.py). Paper, Wikipedia 512: NNLSHP P=3 99.75%
          in ~24 s, SPFHP 99.6% in 0.03 s.
   pack   end-to-end `bertforge pack` sequences/s on real unpacked shards.
-  train  CPU pre-training real tokens/s, packed vs unpacked, on the SAME data (unpacked
-         shards and the packed shards made from them), interleaved rounds, median reported;
-         compared with the theoretical speed-up the packer reported (floor: 0.9x of it).
+  train  CPU pre-training real tokens/s, packed vs unpacked, on the SAME sequences: N records
+         sampled from unpacked shards run one per row and packed (NNLSHP) in memory, in
+         interleaved rounds (medians; round 0 warm-up); compared with the theoretical speed-up
+         (N / packs) of those sequences (floor: 0.9x of it).
 
     python benchmarks/bench_packing.py solve [--sequences 16000000]
     python benchmarks/bench_packing.py pack UNPACKED_DIR --sequence-length 512 [--output DIR]
-    python benchmarks/bench_packing.py train --unpacked 'u512/*.tfrecord' --packed 'p512/*.tfrecord'
+    python benchmarks/bench_packing.py train --unpacked 'u512/*.tfrecord' [--sequences 48]
 
 Lines read by benchmarks.yml: `throughput: X samples/sec` (sequences/s) and
 `real tokens/s: X`. Results and machine: docs/packing.md.
@@ -70,16 +71,31 @@ def bench_pack(args) -> None:
     print(f"pack: {n:,} sequences in {took:.2f} s; throughput: {n / took:.1f} samples/sec")
 
 
-def _batches(files, batch_size, packed, count):
+def _same_sequences(files, count, batch_size, max_per_pack):
+    """`count` sampled unpacked records as unpacked batches and as packed batches: the two
+    variants then train on exactly the same sequences and real tokens."""
     from bertforge.data.loader import PretrainingDataset
-    from bertforge.data.packed import packed_batch
-    it = iter(PretrainingDataset(files, batch_size, shuffle=True, seed=0))
-    return [packed_batch(next(it)) if packed else next(it) for _ in range(count)]
+    from bertforge.data.packed import layout_packs
+    from bertforge.data.packing import pack_lengths
+    records = next(iter(PretrainingDataset(files, count, shuffle=True, seed=0)))
+    arrays = {k: v.numpy() for k, v in records.items()}
+    arrays["next_sentence_labels"] = arrays["next_sentence_labels"].reshape(count, 1)
+    s = arrays["input_ids"].shape[1]
+    packs = pack_lengths(arrays["input_mask"].sum(1), s, max_per_pack, "nnlshp", seed=0)
+    table = np.full((len(packs), max_per_pack), -1, np.int64)
+    for row, members in enumerate(packs):
+        table[row, :len(members)] = members
+    slots = int((arrays["masked_lm_ids"] != 0).sum(1).max()) * max_per_pack
+    packed = {k: torch.from_numpy(v) for k, v in layout_packs(arrays, table, s, slots).items()}
+    unpacked = [{k: v[i:i + batch_size] for k, v in records.items()}
+                for i in range(0, count, batch_size)]
+    packed = [{k: v[i:i + batch_size] for k, v in packed.items()}
+              for i in range(0, len(table), batch_size)]
+    return unpacked, packed, count / len(table)
 
 
 def bench_train(args) -> None:
-    from bertforge.data.packed import measure_packing_factor
-    from bertforge.model.bert import build_pretraining_model, num_sequences
+    from bertforge.model.bert import build_pretraining_model
     torch.set_num_threads(args.threads or torch.get_num_threads())
     config = transformers.BertConfig(
         vocab_size=30522, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
@@ -88,34 +104,36 @@ def bench_train(args) -> None:
     torch.manual_seed(0)
     model = build_pretraining_model(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    factor = measure_packing_factor(args.packed)
-    variants = {"unpacked": _batches(args.unpacked, args.batch_size, False, args.steps + 1),
-                "packed": _batches(args.packed, args.batch_size, True, args.steps + 1)}
-    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
+    unpacked, packed, factor = _same_sequences(args.unpacked, args.sequences, args.batch_size,
+                                               args.max_sequences_per_pack)
+    variants = {"unpacked": unpacked, "packed": packed}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    counts: dict[str, tuple[int, int]] = {}
+    for round_ in range(args.rounds + 1):  # round 0 is warm-up
         for name, batches in variants.items():
             seqs = toks = 0
-            for i, batch in enumerate(batches):
-                if i == 1:  # first step is warm-up
-                    start = time.perf_counter()
+            start = time.perf_counter()
+            for batch in batches:
                 out = model(batch)
                 out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if i >= 1:
-                    seqs += int(num_sequences(batch))
-                    toks += int(out.num_tokens)
-            took = time.perf_counter() - start
-            rates[name].append((seqs / took, toks / took))
+                seqs += int(out.num_sequences)
+                toks += int(out.num_tokens)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            counts[name] = (seqs, toks)
+    assert counts["packed"] == counts["unpacked"], counts  # the same sequences and tokens
+    seqs, toks = counts["unpacked"]
     result = {}
-    for name, values in rates.items():
-        sps = statistics.median(v[0] for v in values)
-        tps = statistics.median(v[1] for v in values)
-        result[name] = tps
-        print(f"{name}: throughput: {sps:.1f} samples/sec - real tokens/s: {tps:.0f}")
+    for name, values in times.items():
+        took = statistics.median(values)
+        result[name] = toks / took
+        print(f"{name}: {len(variants[name])} steps; throughput: {seqs / took:.1f} samples/sec"
+              f" - real tokens/s: {toks / took:.0f}")
     speedup = result["packed"] / result["unpacked"]
-    print(f"packed/unpacked real tokens/s: {speedup:.3f}x; theoretical (packing factor) "
-          f"{factor:.3f}x; ratio to theoretical {speedup / factor:.3f} (floor 0.9)")
+    print(f"packed/unpacked real tokens/s: {speedup:.3f}x; theoretical (packing factor of these "
+          f"{seqs} sequences) {factor:.3f}x; ratio to theoretical {speedup / factor:.3f} (floor 0.9)")
     print(json.dumps({"speedup": speedup, "packing_factor": factor}))
 
 
@@ -134,10 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=bench_pack)
     p = sub.add_parser("train")
-    p.add_argument("--unpacked", required=True)
-    p.add_argument("--packed", required=True)
+    p.add_argument("--unpacked", required=True, help="unpacked shards (glob)")
+    p.add_argument("--sequences", type=int, default=48, help="sampled sequences run both ways")
+    p.add_argument("--max-sequences-per-pack", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

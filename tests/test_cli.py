@@ -11,7 +11,7 @@ from bertforge.cli import build_parser, main
 
 SUBCOMMANDS = [["wiki", "download"], ["wiki", "extract"], ["wiki", "preprocess"], ["vocab", "train"],
                ["tokenize"], ["index"], ["pack"], ["shuffle"], ["sample", "fetch"], ["benchmark"], ["pretrain"], ["squad"], ["squad-eval"],
-               ["demo"]]
+               ["demo"], ["serve"], ["export"], ["serve-bench"]]
 
 
 def test_every_subcommand_is_covered():

@@ -214,3 +214,36 @@ def test_packing_factor_flows_into_global_batch():
     assert cfg.resolve(2, packing_factor=1.33).train.gradient_accumulation == 6  # 64/(4*2*1.33)
     with pytest.raises(ValueError, match="packing factor"):
         cfg.resolve(1, packing_factor=0.5)
+
+
+def test_packed_pretraining_runs_and_counts_sequences(tmp_path):
+    """End to end: packed shards -> measured packing factor -> accumulation -> sequences/s."""
+    from bertforge.config import load_config
+    from bertforge.data.shards import encode_example_batch
+    from bertforge.train.loop import data_packing_factor, pretrain
+
+    arrays = _unpacked(40, seed=5)
+    table, packed = _packed(arrays)
+    data, sizes = encode_example_batch(packed)
+    ends = np.cumsum(sizes).tolist()
+    with RecordWriter(tmp_path / "packed.tfrecord") as writer:
+        for a, b in zip([0, *ends[:-1]], ends):
+            writer.write(data[a:b])
+    factor = 40 / len(table)
+    values = {"input_files": [str(tmp_path / "packed.tfrecord")], "packed_data": True,
+              "sequence_length": S, "mask_tokens": M, "micro_batch_size": 2,
+              "global_batch_size": 16, "training_steps": 2, "dataloader_workers": 0,
+              "checkpoint_output_dir": str(tmp_path / "run"), "disable_progress_bar": True,
+              "device": "cpu", "max_position_embeddings": S}
+    cfg = load_config("unit_test", values)
+    assert data_packing_factor(cfg.data) == pytest.approx(factor)
+    assert cfg.resolve(1, factor).train.gradient_accumulation == round(16 / (2 * factor))
+    result = pretrain(cfg)
+    accumulation = round(16 / (2 * factor))
+    rows = accumulation * 2 * len(result.history)
+    sequences = sum(step["sequences"] for step in result.history)
+    assert rows < sequences <= 3 * rows  # sequences, not rows, are counted
+    for step in result.history:
+        assert step["samples_per_s"] > 0 and step["real_tokens"] > step["sequences"] * 3
+    with pytest.raises(ValueError, match="add --packed-data"):
+        data_packing_factor(load_config("unit_test", {**values, "packed_data": False}).data)

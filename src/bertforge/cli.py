@@ -120,6 +120,40 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from bertforge.serve.server import ServeConfig, serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(ServeConfig(
+        checkpoint_input_dir=args.checkpoint_input_dir, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        dynamic_batching=args.dynamic_batching, device=args.device, precision=args.precision,
+        sequence_length=args.sequence_length, doc_stride=args.doc_stride,
+        max_query_length=args.max_query_length))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bertforge.serve.export import export
+    for line in export(args.checkpoint_input_dir, args.output_dir, fmt=args.format,
+                       sequence_length=args.sequence_length, max_batch_size=args.max_batch_size,
+                       max_queue_delay_us=args.max_queue_delay_us, opset=args.opset):
+        print(f"export: {line}")
+    return 0
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from bertforge.serve.bench import BenchConfig, run_bench
+    clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    return run_bench(BenchConfig(
+        url=args.url, protocol=args.protocol, clients=clients, mode=args.mode,
+        requests=args.requests, batch_size=args.batch_size, data=args.data,
+        checkpoint_input_dir=args.checkpoint_input_dir, sequence_length=args.sequence_length,
+        model=args.model, rtol=args.rtol, atol=args.atol))
+
+
 def cmd_squad(args: argparse.Namespace) -> int:
     import logging
 
@@ -247,6 +281,56 @@ def build_parser() -> argparse.ArgumentParser:
     from bertforge.config import add_config_arguments
     add_config_arguments(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("serve", help="serve the QA model from Triton Inference Server "
+                       "(PyTriton): models bert (tensors) and bert_qa (text)")
+    p.add_argument("--checkpoint-input-dir", type=Path, required=True,
+                   help="a fine-tuned QA checkpoint (step/run directory or HF directory)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="how long the dynamic batcher waits to fill a batch")
+    p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
+                   help="serve one request row at a time (max batch 1), for comparison")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--sequence-length", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--max-query-length", type=int, default=64)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export the QA model to ONNX or a Triton model repository")
+    p.add_argument("--checkpoint-input-dir", type=Path, required=True)
+    p.add_argument("--format", choices=("onnx", "triton-repo"), required=True)
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--sequence-length", type=int, default=384,
+                   help="S of the Triton config and of the parity check")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve-bench", help="multi-client load test of a served `bert` model, "
+                       "every response checked against the model in process")
+    p.add_argument("--url", default=None, help="host:port (default: 127.0.0.1:8001 for grpc, "
+                   ":8000 for http)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--clients", default="1,4,8", help="comma-separated client counts")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--requests", type=int, default=200, help="requests per client")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per request")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a SQuAD json whose windows are sent (default: synthetic windows)")
+    p.add_argument("--checkpoint-input-dir", type=Path, required=True,
+                   help="the served checkpoint, to check every response in process")
+    p.add_argument("--model", default="bert")
+    p.add_argument("--sequence-length", type=int, default=384)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.set_defaults(func=cmd_serve_bench)
 
     p = sub.add_parser("squad", help="fine-tune on SQuAD v1.1/v2.0, predict and score")
     from bertforge.squad.config import SquadConfig

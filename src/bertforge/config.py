@@ -483,8 +483,9 @@ class PretrainConfig(RunConfig):
         cfg.world_size = world_size
         return cfg
 
-
     def _resolve_packed(self, world_size: int, packing_factor: float) -> PretrainConfig:
+        """Packed data: accumulation = round(global / (micro x world x factor)), unless the user
+        fixed both --global-batch-size and --gradient-accumulation (then rows are theirs)."""
         if not packing_factor >= 1.0:
             raise ValueError(f"packing factor {packing_factor} must be at least 1 (sequences per row)")
         cfg = type(self).from_dict(self.to_dict())

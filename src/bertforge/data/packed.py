@@ -3,7 +3,7 @@
 Pack stage (issue 4), three passes, each parallel:
 
 1. Lengths: every input shard is read once (one process per file) for each record's real
-   token count and labelled MLM predictions: 4 bytes per sequence kept (64 MB for 16M).
+   token count and labelled MLM predictions (2 x int16 per sequence).
 2. Plan: the length histogram is solved (`data.packing`: NNLSHP or SPFHP) and realised on
    the sequence numbers with a seeded random choice among equal lengths; the packs are put
    in a seeded random order (a global shuffle for free) and cut into output shards.
@@ -11,8 +11,9 @@ Pack stage (issue 4), three passes, each parallel:
    (one pread each, sorted by file and offset), lays them out (format below), encodes the
    shard in one vectorised pass and writes it with its .index.
 
-Memory is bounded by the per-sequence metadata (~12 bytes/sequence with the pack table) plus
-one output shard's records, never by the dataset's bytes. The price of not spilling records
+Memory is bounded by per-sequence metadata (~50 bytes a sequence: lengths, index locations,
+pack table; ~0.8 GB for 16M sequences) plus one output shard's records per worker, never
+by the dataset's bytes. The price of not spilling records
 into per-length buckets: pass 3 reads inputs in pack order, i.e. random reads (page-cache
 speed on local disks; on network storage run `bertforge shuffle` style staging first).
 Sequences in = sequences out is counted and checked before the stage is marked complete.
@@ -129,26 +130,26 @@ def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slo
 
 
 def _write_packed_shard(job: tuple) -> tuple[int, int]:
-    """Pool job: read the member records of one output shard, lay out and write its packs."""
+    """Pool job: read the member records of one output shard, lay out and write its packs.
+
+    `members` [packs, P] numbers rows of `locations` (file, offset, length), which holds only
+    this shard's sequences, so a job's pickle is small whatever the dataset size."""
     path, files, members, locations, sequence_length, mask_slots = job
-    flat = members[members >= 0]
-    order = np.lexsort((locations[flat, 1], locations[flat, 0]))  # file, then offset
-    records: dict[int, bytes] = {}
+    order = np.lexsort((locations[:, 1], locations[:, 0]))  # read by file, then offset
+    records: list[bytes] = [b""] * len(locations)
     fds: dict[int, int] = {}
     try:
-        for seq in flat[order].tolist():
-            file_id, offset, length = locations[seq].tolist()
+        for row in order.tolist():
+            file_id, offset, length = locations[row].tolist()
             if file_id not in fds:
                 fds[file_id] = os.open(files[file_id], os.O_RDONLY)
-            records[seq] = read_record_at(fds[file_id], files[file_id], offset, length, True)
+            records[row] = read_record_at(fds[file_id], files[file_id], offset, length, True)
     finally:
         for fd in fds.values():
             os.close(fd)
-    ids = np.array(sorted(records), dtype=np.int64)
-    arrays = decode_examples([records[i] for i in ids.tolist()],
-                             lambda i: f"{files[locations[ids[i], 0]]}: record at byte offset "
-                                       f"{locations[ids[i], 1]}")
-    local = np.where(members >= 0, np.searchsorted(ids, members), -1)
+    arrays = decode_examples(records, lambda i: f"{files[locations[i, 0]]}: record at byte "
+                                                f"offset {locations[i, 1]}")
+    local = members
     packed = layout_packs(arrays, local, sequence_length, mask_slots)
     data, lengths = encode_example_batch(packed)
     # Packs arrive already in a global random order: write them as they are.
@@ -157,11 +158,18 @@ def _write_packed_shard(job: tuple) -> tuple[int, int]:
     with RecordWriter(path) as writer:
         for start, end in zip([0, *ends[:-1]], ends):
             writer.write(bytes(view[start:end]))
-    return len(members), len(flat)
+    return len(members), int((members >= 0).sum())
 
 
-def pack_files(inputs, output_dir: str | Path, *, sequence_length: int, max_sequences_per_pack: int = 3,
-               algorithm: str = "nnlshp", seed: int = 12345, packs_per_shard: int = 65536,
+def _shard_job(path, files, members, locations, sequence_length, mask_slots) -> tuple:
+    """One output shard's job, its pack table renumbered to its own sequences."""
+    ids = np.unique(members[members >= 0])
+    local = np.where(members >= 0, np.searchsorted(ids, np.maximum(members, 0)), -1)
+    return path, files, local, locations[ids], sequence_length, mask_slots
+
+
+def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
+               max_sequences_per_pack: int = 3, algorithm: str = "nnlshp", seed: int = 12345, packs_per_shard: int = 65536,
                workers: int | None = None) -> Summary:
     """The `bertforge pack` stage; returns its summary (see the module docstring)."""
     output_dir = Path(output_dir)
@@ -173,12 +181,12 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int, max_sequ
     if done is not None:
         return done
     workers = workers or default_workers()
-    ctx = get_context("spawn" if os.environ.get("BERTFORGE_SPAWN") else "fork")
+    ctx = get_context("fork")  # as the other stages: workers inherit the imported modules
     with ctx.Pool(min(workers, len(files))) as pool:
         scanned = list(progress(pool.imap(_scan_lengths, [(f, sequence_length) for f in files]),
                                 total=len(files), desc="pack: lengths", unit="file"))
-    lengths = np.concatenate([s[0] for s in scanned]).astype(np.int64)
-    predictions = np.concatenate([s[1] for s in scanned]).astype(np.int64)
+    lengths = np.concatenate([s[0] for s in scanned])  # int16: 2 bytes per sequence
+    predictions = np.concatenate([s[1] for s in scanned])
     if not len(lengths):
         raise ValueError(f"no records in {files[0]}...; nothing to pack")
     solve_start = time.perf_counter()
@@ -188,17 +196,20 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int, max_sequ
     packs = assign_packs(lengths, plan, seed)
     packs = packs[np.random.default_rng([seed, 1]).permutation(len(packs))]
     width = packs.shape[1]
-    pack_predictions = np.where(packs >= 0, predictions[np.maximum(packs, 0)], 0).sum(1)
+    pack_predictions = np.where(packs >= 0, predictions[np.maximum(packs, 0)], 0)
+    pack_predictions = pack_predictions.sum(1, dtype=np.int64)
     # The reference's M' = M + P - 1, or more if the data needs it (never truncate labels).
     mask_slots = max(max(s[2] for s in scanned) + width - 1, int(pack_predictions.max()))
     locations = np.concatenate([np.column_stack([np.full(len(index), i), index])
                                 for i, index in enumerate(read_index(f) for f in files)])
-    assert len(locations) == len(lengths), "index and records disagree"
+    if len(locations) != len(lengths):
+        raise ValueError(f"the .index files of {files[0]}... list {len(locations):,} records but "
+                         f"the shards hold {len(lengths):,}; re-run `bertforge index` on them")
     num_shards = -(-len(packs) // packs_per_shard)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / f"packed-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
-    jobs = [(str(paths[i]), files, packs[i::num_shards], locations,
-             sequence_length, mask_slots) for i in range(num_shards)]
+    jobs = (_shard_job(str(paths[i]), files, packs[i::num_shards], locations, sequence_length,
+                       mask_slots) for i in range(num_shards))
     with ctx.Pool(min(workers, num_shards)) as pool:
         results = list(progress(pool.imap(_write_packed_shard, jobs), total=num_shards,
                                 desc="pack: write", unit="shard"))
