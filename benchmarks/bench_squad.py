@@ -8,7 +8,13 @@
    - bertforge: `build_windows` (each distinct context tokenized once, windows cut from its
      offsets, labels by binary search) plus `pad_windows` to 384, so both end with padded
      model inputs. Window counts and input ids are checked equal before timing is reported.
-2. Fine-tuning samples/s on CPU: `bertforge.squad.finetune.squad` on the same data at 384,
+2. Inference windows/s on CPU at 384, packed vs unpacked, in one run on the same windows of
+   that data (the first --inference-windows of them, prediction features, mini BERT by
+   default): unpacked = `predict_logits` padded to 384 (the reference's layout); packed =
+   `predict_logits_packed` (up to 3 windows per 384-token row, block-diagonal attention).
+   Both at --eval-batch windows per forward; the logits are checked equal (1e-4) first.
+   Floor (issue 5, item 9): packed >= 1.5x unpacked.
+3. Fine-tuning samples/s on CPU: `bertforge.squad.finetune.squad` on the same data at 384,
    a tiny (64/2/2) or mini (256/4/4) random-init BERT, validation off; warm-up steps dropped.
 
 Data: SQuAD v1.1 train has ~4.6 questions per paragraph, contexts of ~120 words (a few over
@@ -18,7 +24,8 @@ fetch`), else random words from the vocab; questions are words drawn from the co
 answers are real spans of it.
 
     python benchmarks/bench_squad.py [--paragraphs 2000] [--shape tiny|mini] [--steps 20]
-Prints `... throughput: X examples/sec` / `samples/sec` lines for benchmarks.yml.
+Prints `... throughput: X examples/sec` / `windows/sec` / `samples/sec` lines for
+benchmarks.yml, and `packed inference speedup: X.XXx`.
 """
 
 from __future__ import annotations
@@ -158,6 +165,61 @@ def bench_features(data: dict, tokenizer, repeat: int) -> None:
         sys.exit("windows differ from run_qa's: the comparison is not like for like")
 
 
+def bench_inference(data: dict, tokenizer, shape: str, num_windows: int, batch: int) -> None:
+    import torch
+    import transformers
+
+    from bertforge.squad.data import examples_from_articles
+    from bertforge.squad.features import WindowSpec, build_windows
+    from bertforge.squad.finetune import predict_logits
+    from bertforge.squad.packed import pack_windows, predict_logits_packed
+
+    examples = examples_from_articles(data["data"], source="synthetic", is_training=False,
+                                      squad_v2=False).examples
+    windows = build_windows(examples, tokenizer, WindowSpec(384, 128, 64),
+                            is_training=False)[:num_windows]
+    torch.manual_seed(0)
+    shape_kwargs = SHAPES[shape]
+    config = transformers.BertConfig(**shape_kwargs, max_position_embeddings=512,
+                                     intermediate_size=4 * shape_kwargs["hidden_size"])
+    model = transformers.BertForQuestionAnswering(config).eval()
+    cpu = torch.device("cpu")
+    packs = pack_windows(windows, 384)
+    fill = sum(len(w) for w in windows)
+    print(f"inference data: {len(windows)} windows, {fill / len(windows):.0f} tokens per window "
+          f"({fill / (384 * len(windows)):.0%} of 384); packed into {len(packs)} rows "
+          f"({len(windows) / len(packs):.2f} windows per row, "
+          f"{fill / (384 * len(packs)):.0%} full)")
+    runs = {"unpacked": lambda: predict_logits(model, windows, batch_size=batch, device=cpu,
+                                               pad_to=384, pad_id=tokenizer.pad_token_id),
+            # bertforge's own unpacked default, for reference: rows padded to the batch's longest
+            "unpacked_longest": lambda: predict_logits(model, windows, batch_size=batch,
+                                                       device=cpu, pad_id=tokenizer.pad_token_id),
+            "packed": lambda: predict_logits_packed(model, windows, batch_size=batch, device=cpu,
+                                                    sequence_length=384,
+                                                    pad_id=tokenizer.pad_token_id)}
+    # Warm-up (allocator, kernels) on one batch's worth of windows, each way.
+    predict_logits(model, windows[:batch], batch_size=batch, device=cpu, pad_to=384)
+    predict_logits_packed(model, windows[:batch], batch_size=batch, device=cpu,
+                          sequence_length=384)
+    rates, logits = {}, {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        logits[name] = run()
+        rates[name] = len(windows) / (time.perf_counter() - start)
+    same = all(np.allclose(a, b, atol=1e-4, rtol=0) for other in ("packed", "unpacked_longest")
+               for which in (0, 1) for a, b in zip(logits["unpacked"][which], logits[other][which]))
+    print(f"inference ({shape}, seq 384, {batch} windows per forward, CPU, "
+          f"{torch.get_num_threads()} threads) logits equal packed vs unpacked: {same}")
+    print(f"unpacked inference throughput: {rates['unpacked']:.1f} windows/sec")
+    print(f"unpacked (padded to the batch's longest) inference throughput: "
+          f"{rates['unpacked_longest']:.1f} windows/sec")
+    print(f"packed inference throughput: {rates['packed']:.1f} windows/sec")
+    print(f"packed inference speedup: {rates['packed'] / rates['unpacked']:.2f}x")
+    if not same:
+        sys.exit("packed logits differ from unpacked ones: the comparison is not like for like")
+
+
 def bench_finetune(data_file: Path, shape: str, steps: int, batch: int) -> None:
     import logging
 
@@ -188,6 +250,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--inference-windows", type=int, default=384,
+                        help="windows predicted on each side of the packed/unpacked comparison")
+    parser.add_argument("--eval-batch", type=int, default=64, help="windows per forward pass")
+    parser.add_argument("--skip-inference", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -198,6 +264,8 @@ def main() -> None:
         save_tokenizer_files(Path(tmp) / "tok")
         tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "tok")
         bench_features(data, tokenizer, args.repeat)
+        if not args.skip_inference:
+            bench_inference(data, tokenizer, args.shape, args.inference_windows, args.eval_batch)
         if not args.skip_finetune:
             path = Path(tmp) / "squad.json"
             path.write_text(json.dumps(data))

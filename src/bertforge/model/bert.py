@@ -133,6 +133,20 @@ def block_diagonal_mask(sequence_ids: torch.Tensor, additive_dtype: torch.dtype 
     return mask.masked_fill_(~allowed, torch.finfo(additive_dtype).min)
 
 
+def encode_packed(bert: transformers.BertModel, input_ids: torch.Tensor, sequence_ids: torch.Tensor,
+                  segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] hidden states of packed rows: embeddings with per-sequence `position_ids`, then
+    the encoder under the block-diagonal mask of `sequence_ids`, so each sequence sees only
+    itself. The pooler is not run (BertModel.forward would pool row position 0: wasted work).
+    Pre-training (GatheredBertForPreTraining.encode) and packed SQuAD (squad/packed.py) share it.
+    """
+    additive = None if bert.config._attn_implementation == "sdpa" else bert.dtype
+    mask = block_diagonal_mask(sequence_ids, additive)
+    embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=segment_ids,
+                                 position_ids=position_ids)
+    return bert.encoder(embeddings, attention_mask=mask, return_dict=True).last_hidden_state
+
+
 def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
     keys = PACKED_BATCH_KEYS if is_packed(batch) else BATCH_KEYS
     missing = [k for k in keys if k not in batch]
@@ -233,13 +247,8 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
                 return_dict=True,
             )
             return out.last_hidden_state, out.pooler_output
-        additive = None if self.config._attn_implementation == "sdpa" else self.dtype
-        mask = block_diagonal_mask(batch["sequence_ids"], additive)
-        embeddings = self.bert.embeddings(input_ids=batch["input_ids"],
-                                          token_type_ids=batch["segment_ids"],
-                                          position_ids=batch["position_ids"])
-        # The encoder alone: BertModel.forward would also pool row position 0 (wasted work).
-        hidden = self.bert.encoder(embeddings, attention_mask=mask, return_dict=True).last_hidden_state
+        hidden = encode_packed(self.bert, batch["input_ids"], batch["sequence_ids"],
+                               batch["segment_ids"], batch["position_ids"])
         cls_positions = batch["cls_positions"].reshape(hidden.shape[0], -1)
         cls = torch.gather(hidden, 1, cls_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         pooled = self.bert.pooler.activation(self.bert.pooler.dense(cls))

@@ -51,6 +51,9 @@ class SquadDataSection(Section):
                                 metavar="PATH")
     feature_workers: int = opt(1, "processes that build windows (same windows for any number)",
                                ge=1)
+    packed_data: bool = opt(False, "pack up to 3 windows per --sequence-length row "
+                            "(block-diagonal attention) for training and prediction: same "
+                            "losses and predictions as one window per row, ~half the rows")
 
     def check(self) -> None:
         budget = self.sequence_length - self.max_query_length - 3

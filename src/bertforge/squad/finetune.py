@@ -23,7 +23,9 @@ softmax; masking them makes the loss independent of the batch layout (padded to 
 longest window, or packed) at no cost. Rows are padded to the batch's longest window, or to
 --sequence-length with --compile so the graph is compiled once. SQuAD-shaped windows average
 193 real tokens (50% of 384) but 3% are full, so padding to the longest saves only 4-10% of
-token slots at micro-batch 32-16; packing windows (issue 5, item 7) would remove the rest.
+token slots at micro-batch 32-16. With --packed-data each micro-batch's windows are packed
+up to 3 per row instead (squad/packed.py: block-diagonal attention, each window's softmax over
+its own tokens), which removes most of the rest; the loss is the same, window for window.
 
 Validation runs on rank 0 after training: logits per window, post-processing, predictions.json
 / nbest_predictions.json / null_odds.json, and the official metric; for SQuAD 2.0 the result
@@ -34,6 +36,7 @@ includes the best null-score threshold found on that set (rerun with it as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -50,6 +53,8 @@ from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import SquadSet, load_split, skipped_line
 from bertforge.squad.features import Window, WindowSpec, build_windows, pad_windows
 from bertforge.squad.metric import evaluate_v1, evaluate_v2
+from bertforge.squad.packed import (PackedQuestionAnswering, pack_windows, packed_tensors,
+                                    predict_logits_packed, run_packed, window_logits)
 from bertforge.squad.postprocess import postprocess
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, init_distributed,
@@ -263,10 +268,16 @@ class SquadTrainer:
         for i, batch in enumerate(micro_batches):
             with sync_gradients(self.ddp_model, i == len(micro_batches) - 1), \
                     self.precision.autocast():
-                out = self.forward(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"],
-                                   token_type_ids=batch["token_type_ids"])
-            start, end = masked_logits(out, batch["attention_mask"])
+                if "sequence_ids" in batch:  # packed rows: one row of logits per window
+                    row_start, row_end = run_packed(self.forward, batch)
+                else:
+                    out = self.forward(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"],
+                                       token_type_ids=batch["token_type_ids"])
+            if "sequence_ids" in batch:
+                start, end = window_logits(row_start, batch), window_logits(row_end, batch)
+            else:
+                start, end = masked_logits(out, batch["attention_mask"])
             ce = (F.cross_entropy(start, batch["start_positions"], reduction="sum")
                   + F.cross_entropy(end, batch["end_positions"], reduction="sum")) / 2
             # Each rank divides by its share; DDP's average over ranks makes it the global mean.
@@ -281,6 +292,13 @@ class SquadTrainer:
         self.scheduler.step()
         loss_sum, exact, n = all_reduce_sum(totals, self.ctx).tolist()
         return {"loss": loss_sum / n, "span_acc": exact / n, "lr": lr, "samples": n}
+
+    def micro_batch(self, chunk: list[Window], pad_to: int | None) -> dict[str, torch.Tensor]:
+        """Tensors of one micro-batch: padded rows, or with --packed-data its windows packed."""
+        if not self.cfg.data.packed_data:
+            return to_tensors(chunk, self.ctx.device, pad_to=pad_to, pad_id=self.pad_id)
+        packs = pack_windows(chunk, self.cfg.data.sequence_length)
+        return packed_tensors(chunk, packs, self.ctx.device, pad_to=pad_to, pad_id=self.pad_id)
 
     def save(self, step: int, metrics: dict[str, float]) -> Path | None:
         path = None
@@ -312,7 +330,9 @@ class SquadTrainer:
             self.precision.load_state_dict(self.state["precision"])
             start_step = int(self.state["step"])
             ckpt.set_rng_state(self.state["rng"])
-        self.ddp_model = wrap_model(self.model, ctx)
+        packed = cfg.data.packed_data
+        self.ddp_model = wrap_model(PackedQuestionAnswering(self.model) if packed else self.model,
+                                    ctx)
         self.forward = torch.compile(self.ddp_model) if t.compile else self.ddp_model
         pad_to = cfg.data.sequence_length if t.compile else None
         per_rank = t.micro_batch_size * t.gradient_accumulation
@@ -328,8 +348,8 @@ class SquadTrainer:
         for step in bar:
             begin = time.perf_counter()
             mine = next(stream)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-            micro = [to_tensors([windows[k] for k in mine[i:i + t.micro_batch_size]], ctx.device,
-                                pad_to=pad_to, pad_id=self.pad_id)
+            micro = [self.micro_batch([windows[k] for k in mine[i:i + t.micro_batch_size]],
+                                      pad_to)
                      for i in range(0, per_rank, t.micro_batch_size)]
             metrics = self.train_step(micro, per_rank)
             metrics["samples_per_s"] = metrics["samples"] / (time.perf_counter() - begin)
@@ -356,10 +376,13 @@ class SquadTrainer:
         dataset, windows = self.windows(training=False)
         result.summaries.append(dataset.summary.line())
         begin = time.perf_counter()
-        starts, ends = predict_logits(self.model, windows, batch_size=s.eval_batch_size,
-                                      device=self.ctx.device, precision=self.precision,
-                                      pad_id=self.pad_id,
-                                      progress=not cfg.train.disable_progress_bar)
+        predict = predict_logits
+        if cfg.data.packed_data:  # same logits per window, from packed rows
+            predict = functools.partial(predict_logits_packed,
+                                        sequence_length=cfg.data.sequence_length)
+        starts, ends = predict(self.model, windows, batch_size=s.eval_batch_size,
+                               device=self.ctx.device, precision=self.precision,
+                               pad_id=self.pad_id, progress=not cfg.train.disable_progress_bar)
         elapsed = time.perf_counter() - begin
         log.info("predicted %d windows in %.1f s (%.1f windows/s)", len(windows), elapsed,
                  len(windows) / max(elapsed, 1e-9))
