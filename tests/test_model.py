@@ -288,3 +288,24 @@ def test_fused_decoder_cross_entropy_without_grad_and_under_bf16():
     assert fused.item() == pytest.approx(stock.item(), rel=1e-3)
     fused.backward()
     assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sparse_last_layer_equals_the_full_encoder(attn, monkeypatch):
+    """Last layer at [CLS] + masked rows only == whole sequence then gather: losses, grads."""
+    torch.manual_seed(0)
+    model = build_pretraining_model(tiny_config(num_hidden_layers=3), attn_implementation=attn)
+    batch = make_batch(4, seed=11)
+    results = {}
+    for sparse in (True, False):
+        monkeypatch.setattr(GatheredBertForPreTraining, "sparse_last_layer", sparse)
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        out.loss.backward()
+        results[sparse] = (out, grads(model))
+    (fast, fast_grads), (full, full_grads) = results[True], results[False]
+    for name in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"):
+        torch.testing.assert_close(getattr(fast, name), getattr(full, name), atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == full_grads.keys()
+    for name, grad in fast_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)

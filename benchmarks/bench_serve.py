@@ -1,0 +1,176 @@
+"""Serving throughput and latency: `bert` with and without dynamic batching, `bert_qa` end to end
+(issue 6, item 6), in one run on the same model and requests.
+
+Starts `bertforge serve` twice on free loopback ports, on a random-init QA BERT of --shape
+(mini: hidden 256, 4 layers; tiny: 64, 2) at S = --sequence-length:
+  1. dynamic batching on (max batch 32, --max-queue-delay-us), 2. off (one row per execution);
+and against each runs the serve-bench client (gRPC, sync, 1/4/8 clients, every reply checked
+against the model in process). Then `bert_qa` questions/s with 4 clients on server 1 (each
+question a SQuAD-sized context of ~150 words, answers checked against the in-process engine).
+Floor: with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on CPU.
+
+    python benchmarks/bench_serve.py [--shape mini] [--sequence-length 128] [--requests 100]
+Prints `bert batching: on|off clients: N ... throughput: X samples/sec latency: p50 .. p99 Y
+ms`, `bert_qa throughput: X questions/sec`, and `dynamic batching speedup at 8 clients: X.XXx`.
+Needs PyTriton with numpy<2 (see bertforge/serve/server.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {"tiny": (64, 2, 2), "mini": (256, 4, 4)}
+WORDS = ("the river city north king army built church first century people town war "
+         "empire bridge road castle south west east island harbour market council").split()
+
+
+def make_model(path: Path, shape: str) -> Path:
+    import torch
+    import transformers
+
+    from bertforge.data.vocab import save_tokenizer_files
+    hidden, layers, heads = SHAPES[shape]
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=4 * hidden)
+    transformers.BertForQuestionAnswering(config).save_pretrained(path)
+    save_tokenizer_files(path)
+    return path
+
+
+def start_server(model: Path, args, batching: bool, log: Path):
+    import socket
+
+    import tritonclient.http as httpclient
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    http, grpc, metrics = (s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    cmd = [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(model),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
+           "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us)]
+    if not batching:
+        cmd.append("--no-dynamic-batching")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if client.is_server_ready() and client.is_model_ready("bert_qa"):
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server failed to start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    client.close()
+    return proc, f"127.0.0.1:{grpc}"
+
+
+def stop_server(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+
+
+def bench_bert(model, url, args, label):
+    from bertforge.serve.bench import BenchConfig, _reference_logits, run_setting, synthetic_rows
+    from bertforge.serve.qa import load_qa_checkpoint
+    cfg = BenchConfig(checkpoint_input_dir=model, url=url, requests=args.requests,
+                      sequence_length=args.sequence_length)
+    qa_model, _ = load_qa_checkpoint(model)
+    rows = synthetic_rows(cfg.pool_size, args.sequence_length, qa_model.config.vocab_size)
+    payloads = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(cfg.pool_size)]
+    expected = _reference_logits(qa_model, payloads)
+    throughput = {}
+    for clients in (1, 4, 8):
+        result = run_setting(cfg, url, clients, payloads, expected)
+        print(f"bert batching: {label} {result.line('sync', 'grpc')}", flush=True)
+        if result.errors or result.mismatches:
+            raise SystemExit(f"bad replies: {result.first_error}")
+        throughput[clients] = result.samples / result.seconds
+    return throughput
+
+
+def bench_qa(model, url, args) -> None:
+    import tritonclient.grpc as grpcclient
+
+    from bertforge.serve.server import ServeConfig, build_engine
+    engine = build_engine(ServeConfig(checkpoint_input_dir=model,
+                                      sequence_length=args.sequence_length,
+                                      max_query_length=32, doc_stride=32))
+    rng = np.random.default_rng(0)
+    pool = []
+    for _ in range(16):
+        context = " ".join(rng.choice(WORDS, 150)).capitalize() + "."
+        question = "what " + " ".join(rng.choice(WORDS, 8)) + "?"
+        pool.append((question, context, engine.answer_many([question], [context])[0]))
+    done, wrong, lock = [0], [0], threading.Lock()
+
+    def client(index: int) -> None:
+        conn = grpcclient.InferenceServerClient(url)
+        for i in range(args.qa_requests):
+            q, c, want = pool[(index * 5 + i) % len(pool)]
+            inputs = []
+            for name, text in (("question", q), ("context", c)):
+                t = grpcclient.InferInput(name, [1, 1], "BYTES")
+                t.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+                inputs.append(t)
+            reply = conn.infer("bert_qa", inputs)
+            ok = (reply.as_numpy("answer")[0, 0].decode() == want.text
+                  and int(reply.as_numpy("start")[0, 0]) == want.start)
+            with lock:
+                done[0] += 1
+                wrong[0] += not ok
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    print(f"bert_qa clients: 4 throughput: {done[0] / seconds:.1f} questions/sec "
+          f"wrong: {wrong[0]}", flush=True)
+    if wrong[0]:
+        raise SystemExit("bert_qa answers differ from the in-process engine")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mini")
+    p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--requests", type=int, default=100, help="per client and setting")
+    p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp) / "model", args.shape)
+        results = {}
+        for batching, label in ((True, "on"), (False, "off")):
+            proc, url = start_server(model, args, batching, Path(tmp) / f"serve-{label}.log")
+            try:
+                results[label] = bench_bert(model, url, args, label)
+                if batching:
+                    bench_qa(model, url, args)
+            finally:
+                stop_server(proc)
+    speedup = results["on"][8] / results["off"][8]
+    print(f"dynamic batching speedup at 8 clients: {speedup:.2f}x (floor 2x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""`bertforge export`: ONNX and Triton-repository exports, checked with onnxruntime against PyTorch
+at batch and sequence sizes other than the export's (the axes are dynamic), and the CLI.
+Needs no server, so it runs with numpy 2 too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from bertforge.cli import main  # noqa: E402
+from bertforge.serve.export import INPUTS, OUTPUTS, check_onnx, export, sample_batch  # noqa: E402
+
+
+def tiny_qa_model(path: Path, seed: int) -> Path:
+    import transformers
+
+    from bertforge.data.vocab import save_tokenizer_files
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=128)
+    transformers.BertForQuestionAnswering(config).save_pretrained(path)
+    save_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory) -> Path:
+    return tiny_qa_model(tmp_path_factory.mktemp("export") / "model", seed=0)
+
+
+def test_onnx_export_matches_pytorch_at_other_shapes(qa_dir, tmp_path):
+    import transformers
+    lines = export(qa_dir, tmp_path / "onnx", fmt="onnx", sequence_length=32)
+    path = tmp_path / "onnx" / "model.onnx"
+    assert path.exists() and "max abs diff" in lines[-1]
+    model = transformers.BertForQuestionAnswering.from_pretrained(qa_dir).eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(INPUTS)
+    assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
+    for batch, seq in [(1, 7), (4, 48), (3, 100)]:
+        feed = sample_batch(model.config.vocab_size, seq, batch=batch, seed=batch)
+        got = session.run(list(OUTPUTS), feed)
+        with torch.no_grad():
+            want = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in feed.items()})
+        np.testing.assert_allclose(got[0], want.start_logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[1], want.end_logits.numpy(), atol=1e-4)
+
+
+def test_parity_check_catches_a_different_model(qa_dir, tmp_path):
+    import transformers
+    export(qa_dir, tmp_path / "a", fmt="onnx", sequence_length=16)
+    other = transformers.BertForQuestionAnswering.from_pretrained(
+        tiny_qa_model(tmp_path / "other", seed=1))
+    with pytest.raises(ValueError, match="differ from PyTorch"):
+        check_onnx(other, tmp_path / "a" / "model.onnx", sequence_length=16)
+
+
+def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["export", "--checkpoint-input-dir", str(qa_dir), "--format", "triton-repo",
+                 "--output-dir", str(out), "--sequence-length", "24", "--max-batch-size", "16"]) == 0
+    assert (out / "bert" / "1" / "model.onnx").exists()
+    config = (out / "bert" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 16" in config
+    assert "dynamic_batching" in config and config.count("TYPE_INT32") == 3
+    assert "max abs diff" in capsys.readouterr().out
+
+
+def test_export_without_qa_head_is_a_user_error(tmp_path, capsys):
+    import transformers
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(tmp_path / "encoder")
+    code = main(["export", "--checkpoint-input-dir", str(tmp_path / "encoder"), "--format", "onnx",
+                 "--output-dir", str(tmp_path / "x")])
+    assert code == 2
+    assert "no question-answering head" in capsys.readouterr().err
