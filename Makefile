@@ -11,7 +11,7 @@ PIP := $(VENV)/bin/pip
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,offline-assets]'
+	$(PIP) install -q -e '.[test,offline-assets,serve]'
 	touch $@
 
 venv: $(VENV)/.installed

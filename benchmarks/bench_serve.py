@@ -8,6 +8,9 @@ and against each runs the serve-bench client (gRPC, sync, 1/4/8 clients, every r
 against the model in process). Then `bert_qa` questions/s with 4 clients on server 1 (each
 question a SQuAD-sized context of ~150 words, answers checked against the in-process engine).
 Floor: with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on CPU.
+Measured on the shared 2-core dev box (server, stubs and the 8 client threads on the same 2
+cores, other jobs running): 109-132 vs 64-72 samples/s, 1.64x-2.08x over three runs; bert_qa
+35-50 questions/s with 4 clients. Clients on another machine would leave the server its cores.
 
     python benchmarks/bench_serve.py [--shape mini] [--sequence-length 128] [--requests 100]
 Prints `bert batching: on|off clients: N ... throughput: X samples/sec latency: p50 .. p99 Y

@@ -8,7 +8,6 @@ One server for the module (~8 s to start and ~6 s to stop on 2 cores); a tiny ra
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -104,10 +103,9 @@ def engine(qa_dir):
                                     max_query_length=16, doc_stride=16, max_batch_size=8))
 
 
-@pytest.fixture(scope="module")
-def server(qa_dir, tmp_path_factory):
+def start_server(qa_dir: Path, log: Path) -> dict:
+    """`bertforge serve` as a subprocess on free loopback ports, once both models are ready."""
     http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(qa_dir),
@@ -124,14 +122,35 @@ def server(qa_dir, tmp_path_factory):
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
                 raise RuntimeError(f"server did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
     finally:
         client.close()
-    yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "proc": proc, "log": log}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    return {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "proc": proc, "log": log}
+
+
+def stop_and_check(server: dict, sig: int) -> None:
+    """Send `sig`; the server must exit 0 and take tritonserver and its stubs with it."""
+    proc = server["proc"]
+    children = descendants(proc.pid)
+    assert children, "tritonserver and its backend stubs should run below the serve process"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if alive(c)], server["log"].read_text()[-2000:]
+    assert "serve: stopped" in server["log"].read_text()
+
+
+@pytest.fixture(scope="module")
+def server(qa_dir, tmp_path_factory):
+    running = start_server(qa_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+    yield running
+    if running["proc"].poll() is None:
+        running["proc"].send_signal(signal.SIGTERM)
+        running["proc"].wait(timeout=60)
 
 
 def _client(server, protocol):
@@ -233,15 +252,15 @@ def test_serve_bench_flags_wrong_answers(server, tmp_path, capsys):
 
 
 def test_sigterm_stops_server_and_every_child(server):
-    """Runs last in this module: it stops the shared server."""
-    proc = server["proc"]
-    children = descendants(proc.pid)
-    assert children, "tritonserver and its backend stubs should run below the serve process"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    deadline = time.monotonic() + 10
-    while any(alive(c) for c in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [c for c in children if alive(c)], server["log"].read_text()[-2000:]
-    assert "serve: stopped" in server["log"].read_text()
-    assert os.path.exists(server["log"])
+    """Runs last of the tests on the shared server: it stops it."""
+    stop_and_check(server, signal.SIGTERM)
+
+
+def test_sigint_stops_server_even_when_started_in_the_background(qa_dir, tmp_path):
+    """Children of a non-interactive shell inherit SIGINT ignored; serve must still stop."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `cmd &` in a script does
+    try:
+        running = start_server(qa_dir, tmp_path / "serve.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stop_and_check(running, signal.SIGINT)
