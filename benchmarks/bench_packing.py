@@ -33,21 +33,8 @@ import torch
 import transformers
 
 
-def wikipedia_like_histogram(sequence_length: int, n: int, seed: int = 0) -> np.ndarray:
-    from bertforge.data.packing import length_histogram
-    rng = np.random.default_rng(seed)
-    full, near = int(n * 0.45), int(n * 0.05)
-    uniform = int((n - full - near) * 0.3)
-    tail = n - full - near - uniform
-    lengths = np.concatenate([
-        np.full(full, sequence_length), rng.integers(sequence_length - 24, sequence_length, near),
-        rng.integers(8, sequence_length, uniform),
-        np.clip(rng.geometric(3 / sequence_length, tail), 2, sequence_length)])
-    return length_histogram(lengths, sequence_length)
-
-
 def bench_solve(args) -> None:
-    from bertforge.data.packing import pack_histogram
+    from bertforge.data.packing import pack_histogram, wikipedia_like_histogram
     for s in args.sequence_lengths:
         histogram = wikipedia_like_histogram(s, args.sequences)
         for algorithm, p in (("nnlshp", 3), ("spfhp", 3), ("spfhp", 8)):

@@ -53,3 +53,18 @@ def preprocessed_sample(extracted_sample: Path, tmp_path_factory: pytest.TempPat
     out = tmp_path_factory.mktemp("preprocessed")
     preprocess(extracted_sample, out, workers=2)
     return out
+
+
+def tiny_qa_model(path: Path, seed: int) -> Path:
+    """A random tiny BertForQuestionAnswering (64/2/2) with bert-base-uncased tokenizer files,
+    saved at `path`: the served / exported model of the serving tests."""
+    import torch
+    import transformers
+
+    from bertforge.data.vocab import save_tokenizer_files
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=128)
+    transformers.BertForQuestionAnswering(config).save_pretrained(path)
+    save_tokenizer_files(path)
+    return path

@@ -16,24 +16,10 @@ import pytest
 from bertforge.cli import main
 from bertforge.data.example import decode_example
 from bertforge.data.packed import check_inputs, measure_packing_factor, pack_files, shuffle_files
-from bertforge.data.packing import (full_strategies, length_histogram, pack_histogram,
-                                    pack_lengths)
+from bertforge.data.packing import (full_strategies, pack_histogram,
+                                    pack_lengths, wikipedia_like_histogram)
 from bertforge.data.shards import encode_example_batch
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
-
-
-def wikipedia_like_histogram(sequence_length: int, n: int = 16_000_000, seed: int = 0) -> np.ndarray:
-    """About half the sequences at or near full length, a long tail of short ones (BERT data:
-    documents end early; short_seq_prob = 0.1 draws uniform target lengths)."""
-    rng = np.random.default_rng(seed)
-    full, near = int(n * 0.45), int(n * 0.05)
-    uniform = int((n - full - near) * 0.3)
-    tail = n - full - near - uniform
-    lengths = np.concatenate([
-        np.full(full, sequence_length), rng.integers(sequence_length - 24, sequence_length, near),
-        rng.integers(8, sequence_length, uniform),
-        np.clip(rng.geometric(3 / sequence_length, tail), 2, sequence_length)])
-    return length_histogram(lengths, sequence_length)
 
 
 def test_nnlshp_is_99_percent_efficient_on_wikipedia_shape_at_512():

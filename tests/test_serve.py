@@ -28,6 +28,7 @@ if int(np.__version__.split(".")[0]) >= 2:
                 allow_module_level=True)
 
 from bertforge.serve.bench import BenchConfig, run_bench, synthetic_rows  # noqa: E402
+from conftest import tiny_qa_model  # noqa: E402
 from bertforge.serve.server import ServeConfig, build_engine  # noqa: E402
 
 S = 64
@@ -41,19 +42,6 @@ CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave 
            "Francia. The distinct cultural and ethnic identity of the Normans emerged "
            "initially in the first half of the 10th century, and it continued to evolve over "
            "the succeeding centuries.")
-
-
-def tiny_qa_model(path: Path, seed: int) -> Path:
-    import torch
-    import transformers
-
-    from bertforge.data.vocab import save_tokenizer_files
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(path)
-    save_tokenizer_files(path)
-    return path
 
 
 def free_ports(n: int) -> list[int]:

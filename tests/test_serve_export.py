@@ -14,19 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from bertforge.cli import main  # noqa: E402
+from conftest import tiny_qa_model  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, check_onnx, export, sample_batch  # noqa: E402
-
-
-def tiny_qa_model(path: Path, seed: int) -> Path:
-    import transformers
-
-    from bertforge.data.vocab import save_tokenizer_files
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(path)
-    save_tokenizer_files(path)
-    return path
 
 
 @pytest.fixture(scope="module")

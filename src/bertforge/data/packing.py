@@ -95,6 +95,21 @@ def length_histogram(lengths: np.ndarray, max_len: int) -> np.ndarray:
     return np.bincount(lengths, minlength=max_len + 1).astype(np.int64)
 
 
+def wikipedia_like_histogram(sequence_length: int, n: int = 16_000_000, seed: int = 0) -> np.ndarray:
+    """A synthetic length histogram shaped like BERT data from full Wikipedia (tests and
+    benchmarks): about half the sequences at or near full length, a long tail of short ones
+    (documents end early; short_seq_prob = 0.1 draws uniform target lengths)."""
+    rng = np.random.default_rng(seed)
+    full, near = int(n * 0.45), int(n * 0.05)
+    uniform = int((n - full - near) * 0.3)
+    tail = n - full - near - uniform
+    lengths = np.concatenate([
+        np.full(full, sequence_length), rng.integers(sequence_length - 24, sequence_length, near),
+        rng.integers(8, sequence_length, uniform),
+        np.clip(rng.geometric(3 / sequence_length, tail), 2, sequence_length)])
+    return length_histogram(lengths, sequence_length)
+
+
 def _check(histogram: np.ndarray, max_len: int, max_per_pack: int, algorithm: str) -> np.ndarray:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown packing algorithm {algorithm!r}; use one of {ALGORITHMS}")
