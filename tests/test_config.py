@@ -17,15 +17,13 @@ import yaml
 
 from bertforge.config import (
     DataSection,
-    DidYouMeanParser,
     PretrainConfig,
-    add_config_arguments,
-    config_from_args,
     default_preset_file,
     load_config,
     load_presets,
     parse_bool,
 )
+from bertforge.flags import DidYouMeanParser, add_config_arguments, config_from_args
 
 REFERENCE_PRESETS = [
     "demo_tiny_128", "pretrain_base_128", "pretrain_base_512", "pretrain_large_128",

@@ -107,7 +107,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import logging
 
-    from bertforge.config import config_from_args
+    from bertforge.flags import config_from_args
     from bertforge.train.loop import pretrain
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = pretrain(config_from_args(args))
@@ -157,7 +157,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def cmd_squad(args: argparse.Namespace) -> int:
     import logging
 
-    from bertforge.config import config_from_args
+    from bertforge.flags import config_from_args
     from bertforge.squad.config import SquadConfig
     from bertforge.squad.finetune import squad
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -190,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from bertforge.config import DidYouMeanParser
+    from bertforge.flags import DidYouMeanParser
     parser = DidYouMeanParser(prog="bertforge", description="BERT pre-training (MLM + NSP) and "
                               "SQuAD fine-tuning on CPUs and NVIDIA GPUs, from a raw Wikipedia dump.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP); torchrun for many processes")
-    from bertforge.config import add_config_arguments
+    from bertforge.flags import add_config_arguments
     add_config_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
