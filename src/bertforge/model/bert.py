@@ -319,8 +319,8 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         _check_batch(batch)
         input_ids = batch["input_ids"]
         batch_size, seq_len = input_ids.shape
-        # Build the flat index first: on GPU its nonzero() syncs while only the input copy is
-        # in flight, instead of stalling the queue after the encoder has been launched.
+        # Which slots carry a label: selecting them (a nonzero, one host sync on GPU) keeps
+        # padding slots out of the decoder.
         real = labelled_slots(batch)
         mlm_labels = batch["masked_lm_ids"][real]
 
