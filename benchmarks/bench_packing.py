@@ -62,7 +62,7 @@ def _same_sequences(files, count, batch_size, max_per_pack):
     """`count` sampled unpacked records as unpacked batches and as packed batches: the two
     variants then train on exactly the same sequences and real tokens."""
     from bertforge.data.loader import PretrainingDataset
-    from bertforge.data.packed import layout_packs
+    from bertforge.data.packed import layout_packs, packed_mask_slots
     from bertforge.data.packing import pack_lengths
     records = next(iter(PretrainingDataset(files, count, shuffle=True, seed=0)))
     arrays = {k: v.numpy() for k, v in records.items()}
@@ -72,7 +72,10 @@ def _same_sequences(files, count, batch_size, max_per_pack):
     table = np.full((len(packs), max_per_pack), -1, np.int64)
     for row, members in enumerate(packs):
         table[row, :len(members)] = members
-    slots = int((arrays["masked_lm_ids"] != 0).sum(1).max()) * max_per_pack
+    labelled = (arrays["masked_lm_ids"] != 0).sum(1)
+    # The slot count `bertforge pack` would give these packs (M + P - 1 unless one needs more).
+    slots = packed_mask_slots(arrays["masked_lm_ids"].shape[1], max_per_pack,
+                              max(int(labelled[members].sum()) for members in packs))
     packed = {k: torch.from_numpy(v) for k, v in layout_packs(arrays, table, s, slots).items()}
     unpacked = [{k: v[i:i + batch_size] for k, v in records.items()}
                 for i in range(0, count, batch_size)]

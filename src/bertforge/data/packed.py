@@ -91,6 +91,13 @@ def _scan_lengths(job: tuple[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
             np.concatenate(predictions) if predictions else empty, slots)
 
 
+def packed_mask_slots(record_slots: int, max_sequences_per_pack: int, most_in_a_pack: int) -> int:
+    """Prediction slots M' of a packed record: the reference's M + P - 1 (a pack of P sequences
+    of M predictions each would not fit, but 15% of the pack's tokens do), or more when some
+    pack of this data needs more: labels are never truncated."""
+    return max(record_slots + max_sequences_per_pack - 1, most_in_a_pack)
+
+
 def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slots: int
                  ) -> dict[str, np.ndarray]:
     """Packed feature arrays from unpacked record arrays and packs of row numbers (-1 empty)."""
@@ -198,8 +205,7 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
     width = packs.shape[1]
     pack_predictions = np.where(packs >= 0, predictions[np.maximum(packs, 0)], 0)
     pack_predictions = pack_predictions.sum(1, dtype=np.int64)
-    # The reference's M' = M + P - 1, or more if the data needs it (never truncate labels).
-    mask_slots = max(max(s[2] for s in scanned) + width - 1, int(pack_predictions.max()))
+    mask_slots = packed_mask_slots(max(s[2] for s in scanned), width, int(pack_predictions.max()))
     locations = np.concatenate([np.column_stack([np.full(len(index), i), index])
                                 for i, index in enumerate(read_index(f) for f in files)])
     if len(locations) != len(lengths):
