@@ -89,14 +89,14 @@ def stop_server(proc) -> None:
 
 
 def bench_bert(model, url, args, label):
-    from bertforge.serve.bench import BenchConfig, _reference_logits, run_setting, synthetic_rows
+    from bertforge.serve.bench import BenchConfig, reference_logits, run_setting, synthetic_rows
     from bertforge.serve.qa import load_qa_checkpoint
     cfg = BenchConfig(checkpoint_input_dir=model, url=url, requests=args.requests,
                       sequence_length=args.sequence_length)
     qa_model, _ = load_qa_checkpoint(model)
     rows = synthetic_rows(cfg.pool_size, args.sequence_length, qa_model.config.vocab_size)
     payloads = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(cfg.pool_size)]
-    expected = _reference_logits(qa_model, payloads)
+    expected = reference_logits(qa_model, payloads)
     throughput = {}
     for clients in (1, 4, 8):
         result = run_setting(cfg, url, clients, payloads, expected)

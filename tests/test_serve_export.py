@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 from bertforge.cli import main  # noqa: E402
 from conftest import tiny_qa_model  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, check_onnx, export, sample_batch  # noqa: E402
+from bertforge.serve.qa import PAD_LOGIT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,10 @@ def test_onnx_export_matches_pytorch_at_other_shapes(qa_dir, tmp_path):
         got = session.run(list(OUTPUTS), feed)
         with torch.no_grad():
             want = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in feed.items()})
-        np.testing.assert_allclose(got[0], want.start_logits.numpy(), atol=1e-4)
-        np.testing.assert_allclose(got[1], want.end_logits.numpy(), atol=1e-4)
+        keep = feed["attention_mask"] > 0  # the `bert` contract: PAD_LOGIT at padding
+        for have, logits in zip(got, (want.start_logits, want.end_logits)):
+            np.testing.assert_allclose(have[keep], logits.numpy()[keep], atol=1e-4)
+            assert (have[~keep] == PAD_LOGIT).all()
 
 
 def test_parity_check_catches_a_different_model(qa_dir, tmp_path):

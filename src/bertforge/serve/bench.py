@@ -212,7 +212,7 @@ def run_bench(cfg: BenchConfig) -> int:
     n = len(rows["input_ids"])
     payloads = [{k: v[lo:lo + cfg.batch_size] for k, v in rows.items()}
                 for lo in range(0, n, cfg.batch_size)]
-    expected = _reference_logits(model, payloads)
+    expected = reference_logits(model, payloads)
     failed = False
     for num_clients in cfg.clients:
         result = run_setting(cfg, url, num_clients, payloads, expected)
@@ -224,11 +224,10 @@ def run_bench(cfg: BenchConfig) -> int:
     return 1 if failed else 0
 
 
-def _reference_logits(model, payloads) -> list[tuple[np.ndarray, np.ndarray]]:
-    import torch
-    out = []
-    with torch.no_grad():
-        for p in payloads:
-            r = model(**{k: torch.from_numpy(p[k].astype(np.int64)) for k in INPUTS})
-            out.append((r.start_logits.float().numpy(), r.end_logits.float().numpy()))
-    return out
+def reference_logits(model, payloads) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(start, end) of each payload from `model` run in this process on the padded rows (the
+    engine's reference path, not the padding-free one the server takes)."""
+    from bertforge.serve.qa import QAEngine
+    from bertforge.squad.features import WindowSpec
+    engine = QAEngine(model, None, WindowSpec())
+    return [engine.padded_logits(*(p[k] for k in INPUTS)) for p in payloads]

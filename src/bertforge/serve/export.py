@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bertforge.data.stage import atomic_output
+from bertforge.serve.qa import PAD_LOGIT
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")
@@ -31,7 +32,8 @@ PARITY_ATOL = 1e-4
 
 
 class _Int32QA(torch.nn.Module):
-    """The QA model taking INT32 inputs (cast to int64 in the graph) and returning a tuple."""
+    """The QA model taking INT32 inputs (cast to int64 in the graph) and returning a tuple,
+    with PAD_LOGIT at padding positions: the served `bert` model's contract (serve/qa.py)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -40,7 +42,10 @@ class _Int32QA(torch.nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids):
         out = self.model(input_ids=input_ids.long(), attention_mask=attention_mask.long(),
                          token_type_ids=token_type_ids.long())
-        return out.start_logits.float(), out.end_logits.float()
+        keep = attention_mask > 0
+        pad = torch.tensor(PAD_LOGIT, dtype=torch.float32)
+        return (torch.where(keep, out.start_logits.float(), pad),
+                torch.where(keep, out.end_logits.float(), pad))
 
 
 def sample_batch(vocab_size: int, sequence_length: int, batch: int = 2,

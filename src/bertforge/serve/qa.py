@@ -20,10 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertforge.data.packing import pack_lengths
 from bertforge.squad.data import SquadExample
 from bertforge.squad.features import WindowSpec, build_windows, pad_windows
+from bertforge.squad.packed import PackedQuestionAnswering
 from bertforge.squad.postprocess import window_candidates
 
+# The `bert` model's logit at padding positions (attention_mask 0): no span can start or end
+# there, and the padding-free path never computes them. -10000 rather than -inf keeps JSON
+# and allclose comparisons simple; real logits of a BERT QA head are many orders smaller.
+PAD_LOGIT = -10000.0
+# Request rows per packed row on the padding-free path (as packed SQuAD's windows).
+MAX_ROWS_PER_PACK = 3
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,7 +72,8 @@ class QAEngine:
     """A QA model plus its tokenizer and window spec; thread-compatible, not thread-safe."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: WindowSpec, *,
-                 max_batch_size: int = 32, n_best_size: int = 20, max_answer_length: int = 30):
+                 max_batch_size: int = 32, n_best_size: int = 20, max_answer_length: int = 30,
+                 padding_free: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -73,12 +82,14 @@ class QAEngine:
         self.max_answer_length = max_answer_length
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
+        self.padding_free = padding_free
+        self.packed_model = PackedQuestionAnswering(model).eval()
 
-    @torch.no_grad()
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-               token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 start/end logits [B, S] of integer arrays [B, S] (checked, so one bad
-        request cannot crash the model with an out-of-range embedding index)."""
+    def check_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                   token_type_ids: np.ndarray) -> None:
+        """Raise ValueError unless the three arrays are [batch, sequence] of one shape with ids
+        in the vocabulary and 0/1 masks and types (one bad request cannot then crash the model
+        with an out-of-range embedding index)."""
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "token_type_ids": token_type_ids}
         for name, a in arrays.items():
@@ -93,10 +104,68 @@ class QAEngine:
             a = arrays[name]
             if a.size and (a.min() < 0 or a.max() > 1):
                 raise ValueError(f"{name} must hold only 0 and 1")
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 start/end logits [B, S] of checked integer arrays [B, S]; PAD_LOGIT where
+        attention_mask is 0. Right-padded rows (the usual case) take the padding-free path
+        when `padding_free` is set, any other mask the padded one; both give the same logits."""
+        self.check_rows(input_ids, attention_mask, token_type_ids)
+        lengths = attention_mask.sum(1, dtype=np.int64)
+        right_padded = bool((attention_mask == (np.arange(attention_mask.shape[1])
+                                                < lengths[:, None])).all())
+        if self.padding_free and right_padded:
+            return self.packed_logits(input_ids, token_type_ids, lengths)
+        return self.padded_logits(input_ids, attention_mask, token_type_ids)
+
+    @torch.no_grad()
+    def padded_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                      token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reference path: the stock model on the padded [B, S] rows, padding masked."""
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)).to(self.device)
-                   for k, v in arrays.items()}
+                   for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                                ("token_type_ids", token_type_ids))}
         out = self.model(**tensors)
-        return (out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy())
+        keep = attention_mask > 0
+        return tuple(np.where(keep, logits.float().cpu().numpy(), PAD_LOGIT).astype(np.float32)
+                     for logits in (out.start_logits, out.end_logits))
+
+    @torch.no_grad()
+    def packed_logits(self, input_ids: np.ndarray, token_type_ids: np.ndarray,
+                      lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The padding-free path for right-padded rows of real `lengths`: rows packed up to
+        MAX_ROWS_PER_PACK per pack (SPFHP, the pre-training packer), packs cut to the longest
+        one, the encoder under the block-diagonal mask (squad/packed.py), logits scattered
+        back to [B, S] with PAD_LOGIT at padding. A single row is only trimmed to its length."""
+        batch, seq_len = input_ids.shape
+        start = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
+        end = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
+        real = np.nonzero(lengths)[0]
+        if not len(real):
+            return start, end
+        packs = [[int(real[k]) for k in pack]
+                 for pack in pack_lengths(lengths[real], seq_len, MAX_ROWS_PER_PACK, "spfhp")]
+        width = max(int(lengths[pack].sum()) for pack in packs)
+        packed = {k: np.zeros((len(packs), width), dtype=np.int64)
+                  for k in ("input_ids", "sequence_ids", "segment_ids", "position_ids")}
+        placed = []  # (request row, pack row, offset, length)
+        for row, pack in enumerate(packs):
+            offset = 0
+            for slot, i in enumerate(pack, start=1):
+                n = int(lengths[i])
+                span = slice(offset, offset + n)
+                packed["input_ids"][row, span] = input_ids[i, :n]
+                packed["segment_ids"][row, span] = token_type_ids[i, :n]
+                packed["sequence_ids"][row, span] = slot
+                packed["position_ids"][row, span] = np.arange(n)
+                placed.append((i, row, offset, n))
+                offset += n
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in packed.items()}
+        row_start, row_end = (t.float().cpu().numpy() for t in self.packed_model(**tensors))
+        for i, row, offset, n in placed:
+            start[i, :n] = row_start[row, offset:offset + n]
+            end[i, :n] = row_end[row, offset:offset + n]
+        return start, end
 
     def answer_many(self, questions: list[str], contexts: list[str]) -> list[Answer]:
         """The best span of each (question, context); contexts longer than one window are

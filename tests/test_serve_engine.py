@@ -1,0 +1,85 @@
+"""The serving engine's padding-free path (rows packed, packs trimmed) against its reference
+path (the stock model on the padded rows): same logits at every real position, PAD_LOGIT at
+padding, whatever the mix of lengths; masks that are not right-padded take the padded path.
+No server here (tests/test_serve.py starts one), so these run without PyTriton."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bertforge.serve.bench import synthetic_rows
+from bertforge.serve.qa import PAD_LOGIT, QAEngine
+from bertforge.squad.features import WindowSpec
+from conftest import tiny_qa_model
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from bertforge.serve.qa import load_qa_checkpoint
+    model, tokenizer = load_qa_checkpoint(tiny_qa_model(tmp_path_factory.mktemp("qa") / "m", seed=1))
+    return QAEngine(model, tokenizer, WindowSpec(sequence_length=S, max_query_length=16,
+                                                 doc_stride=16))
+
+
+def _agree(engine, rows, calls: list | None = None):
+    args = [rows[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    got = engine.logits(*args)
+    want = engine.padded_logits(*args)
+    keep = rows["attention_mask"] > 0
+    for have, reference in zip(got, want):
+        assert have.shape == reference.shape == rows["input_ids"].shape
+        assert have.dtype == np.float32
+        np.testing.assert_allclose(have[keep], reference[keep], rtol=1e-5, atol=1e-5)
+        assert (have[~keep] == PAD_LOGIT).all() and (reference[~keep] == PAD_LOGIT).all()
+    return got
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9, 32])
+def test_padding_free_logits_equal_the_padded_reference(engine, batch):
+    rows = synthetic_rows(batch, S, engine.vocab_size, seed=batch)  # lengths S/4..S
+    _agree(engine, rows)
+
+
+def test_packing_really_happens_and_a_row_does_not_depend_on_its_neighbours(engine, monkeypatch):
+    rows = synthetic_rows(12, S, engine.vocab_size, seed=5)
+    short = rows["attention_mask"].sum(1) <= S // 2
+    assert short.sum() >= 2  # some rows can share a pack
+    seen = []
+    forward = engine.packed_model.forward
+    monkeypatch.setattr(engine.packed_model, "forward",
+                        lambda **kw: seen.append(kw["input_ids"].shape) or forward(**kw))
+    together = _agree(engine, rows)
+    assert len(seen) == 1 and seen[0][0] < 12  # fewer packed rows than requests
+    alone = engine.logits(*(rows[k][:1] for k in ("input_ids", "attention_mask", "token_type_ids")))
+    assert seen[-1] == (1, int(rows["attention_mask"][0].sum()))  # one row: trimmed, not padded
+    np.testing.assert_allclose(alone[0], together[0][:1], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_rows_and_full_rows(engine):
+    rows = synthetic_rows(4, S, engine.vocab_size, seed=7)
+    rows["attention_mask"][1] = 0  # a row with no real token: all PAD_LOGIT
+    rows["input_ids"][1] = 0
+    rows["attention_mask"][2] = 1  # a full row
+    start, end = _agree(engine, rows)
+    assert (start[1] == PAD_LOGIT).all() and (end[1] == PAD_LOGIT).all()
+
+
+def test_masks_that_are_not_right_padded_take_the_padded_path(engine, monkeypatch):
+    rows = synthetic_rows(3, S, engine.vocab_size, seed=8)
+    rows["attention_mask"][0, :5] = 0  # left padding / holes: no packing
+    monkeypatch.setattr(engine, "packed_logits", lambda *a: pytest.fail("packed path taken"))
+    _agree(engine, rows)
+
+
+def test_bad_rows_are_refused_before_the_model(engine):
+    rows = synthetic_rows(2, S, engine.vocab_size, seed=9)
+    rows["input_ids"][1, 0] = engine.vocab_size
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        engine.logits(rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
+    rows = synthetic_rows(2, S, engine.vocab_size, seed=9)
+    rows["attention_mask"][0, 0] = 2
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        engine.logits(rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
