@@ -47,6 +47,8 @@ def bench_solve(args) -> None:
 
 
 def bench_pack(args) -> None:
+    import resource
+
     from bertforge.data.packed import pack_files
     out = Path(args.output or tempfile.mkdtemp(prefix="bench-pack-"))
     start = time.perf_counter()
@@ -56,6 +58,10 @@ def bench_pack(args) -> None:
     n = summary.counts["sequences in"]
     print(summary.line())
     print(f"pack: {n:,} sequences in {took:.2f} s; throughput: {n / took:.1f} samples/sec")
+    # ru_maxrss is KiB on Linux; children = the largest single worker process, not a sum
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"pack: peak RSS main process {main_mb:.0f} MB, largest worker {worker_mb:.0f} MB")
 
 
 def _same_sequences(files, count, batch_size, max_per_pack):

@@ -101,7 +101,10 @@ def _per_sequence(model, batch):
     return seqs, mlm, torch.stack(nsp)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+# varlen on CPU runs model/attention.py's reference kernel (one SDPA call per segment): the
+# segments, layouts and kwargs through HF's layers are what is checked here; the CUDA kernel is
+# checked against that reference in tests/test_gpu.py.
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_batch_equals_unpacked(attn):
     model = _model(attn)
     arrays = _unpacked(12)
@@ -247,3 +250,18 @@ def test_packed_pretraining_runs_and_counts_sequences(tmp_path):
         assert step["samples_per_s"] > 0 and step["real_tokens"] > step["sequences"] * 3
     with pytest.raises(ValueError, match="add --packed-data"):
         data_packing_factor(load_config("unit_test", {**values, "packed_data": False}).data)
+
+
+def test_varlen_segments_and_start_up_checks():
+    from bertforge.model.attention import check_varlen, segments
+    ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 2, 3, 0, 0, 0]])
+    offsets, longest = segments(ids)
+    assert offsets.tolist() == [0, 2, 5, 6, 12, 13, 14, 15, 18] and longest == 6
+    assert offsets.dtype == torch.int32
+    with pytest.raises(ValueError, match="CUDA only"):
+        check_varlen("cpu", "bf16", 0.0)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        check_varlen("cuda", "fp32", 0.0)
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob is 0.1"):
+        check_varlen("cuda", "bf16", 0.1)
+    check_varlen("cuda", "bf16", 0.1, training=False)  # inference: dropout is off anyway

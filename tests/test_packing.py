@@ -2,22 +2,26 @@
 
 Counts in = counts out everywhere; NNLSHP >= 99% efficient on a Wikipedia-shaped histogram
 at 512 with P = 3; SPFHP valid for P up to 8; packed shards hold exactly the input
-sequences (tokens, labels, NSP) with restarted positions; the shuffle keeps every record.
+sequences (tokens, labels, NSP) with restarted positions, are the same bytes for any number
+of workers, mix strategies in every shard and leave no spill behind; the shuffle keeps every
+record. The real-data pack tests tokenize the Wikipedia sample at S=128 into 3 shards (~3 s).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bertforge.cli import main
 from bertforge.data.example import decode_example
-from bertforge.data.packed import check_inputs, measure_packing_factor, pack_files, shuffle_files
-from bertforge.data.packing import (full_strategies, pack_histogram,
-                                    pack_lengths, wikipedia_like_histogram)
+from bertforge.data.packed import (SPILL_DIR, check_inputs, measure_packing_factor, pack_files,
+                                   shuffle_files)
+from bertforge.data.packing import (full_strategies, pack_histogram, pack_lengths, split_plan,
+                                    strategy_lengths, wikipedia_like_histogram)
 from bertforge.data.shards import encode_example_batch
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
 
@@ -54,6 +58,21 @@ def test_spfhp_valid_for_p_up_to_8(max_per_pack):
         assert len(packs) == len(lengths)
     else:  # fewer packs with more room per pack
         assert len(packs) <= len(pack_lengths(lengths, 128, max_per_pack - 1, "spfhp"))
+
+
+def test_split_plan_deals_every_pack_once_at_random():
+    plan = pack_histogram(wikipedia_like_histogram(128, n=50_000), 128, 3, "nnlshp")
+    sizes = [plan.num_packs // 7 + (i < plan.num_packs % 7) for i in range(7)]
+    parts = split_plan(plan, sizes, np.random.default_rng(0))
+    assert (parts.sum(0) == plan.counts).all() and parts.sum(1).tolist() == sizes
+    assert (parts @ strategy_lengths(plan)).sum(0).tolist() == plan.histogram().tolist()
+    # a random mix: each part's share of every big strategy is near its size share
+    big = plan.counts > 1000
+    share = parts[:, big] / plan.counts[big]
+    assert np.abs(share - 1 / 7).max() < 0.05
+    assert not (split_plan(plan, sizes, np.random.default_rng(1)) == parts).all()
+    with pytest.raises(ValueError, match="plan has"):
+        split_plan(plan, [1], np.random.default_rng(0))
 
 
 def test_user_errors_name_the_problem():
@@ -153,6 +172,74 @@ def test_pack_stage_keeps_every_sequence(tmp_path, capsys):
                  "--sequence-length", "64", "--algorithm", "spfhp", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "efficiency" in printed and "900 sequences in" in printed
+    assert not (out / SPILL_DIR).exists() and not (tmp_path / "cli" / SPILL_DIR).exists()
+
+
+def test_pack_errors_name_the_file_and_leave_no_spill(tmp_path):
+    (tmp_path / "in").mkdir()
+    _write_unpacked(tmp_path / "in" / "part-0.tfrecord", 20, seed=0)
+    with pytest.raises(ValueError, match=r"part-0.tfrecord: records have 64 tokens but "
+                                         r"--sequence-length is 32"):
+        pack_files([tmp_path / "in"], tmp_path / "out", sequence_length=32, workers=1)
+    assert not (tmp_path / "out" / SPILL_DIR).exists()
+    assert not list((tmp_path / "out").glob("packed-*"))
+
+
+@pytest.fixture(scope="module")
+def real_shards(preprocessed_sample, tmp_path_factory):
+    """The Wikipedia sample tokenized at S=128 into 3 globally shuffled shards (~5k sequences)."""
+    from bertforge.data.instances import InstanceConfig, tokenize
+    from bertforge.data.vocab import load_tokenizer
+    out = tmp_path_factory.mktemp("unpacked128")
+    tokenize([preprocessed_sample], out, InstanceConfig(128, 20, duplication_factor=1),
+             load_tokenizer(), num_shards=3, workers=2)
+    return sorted(out.glob("part-*.tfrecord"))
+
+
+def _input_ids_of_unpacked(files):
+    out = Counter()
+    for f in files:
+        for rec in iter_records(f):
+            r = decode_example(rec)
+            out[tuple(r["input_ids"][:int(r["input_mask"].sum())])] += 1
+    return out
+
+
+def _input_ids_of_packed(files):
+    out = Counter()
+    for f in files:
+        for rec in iter_records(f):
+            r = decode_example(rec)
+            for k in np.nonzero(r["next_sentence_mask"])[0].tolist():
+                out[tuple(r["input_ids"][r["sequence_ids"] == k + 1])] += 1
+    return out
+
+
+def test_pack_real_sample_several_inputs_and_shards_workers_independent(real_shards, tmp_path):
+    assert len(real_shards) == 3
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        summary = pack_files(real_shards, out, sequence_length=128, packs_per_shard=1500,
+                             workers=workers)
+        assert not (out / SPILL_DIR).exists()
+        files = sorted(out.glob("packed-*.tfrecord"))
+        runs[workers] = {f.name: (f.read_bytes(), Path(f"{f}.index").read_bytes()) for f in files}
+    n = summary.counts["sequences in"]
+    assert n == summary.counts["sequences out"] > 4000
+    assert len(files) == summary.counts["shards"] == -(-summary.counts["packs"] // 1500) > 2
+    assert runs[1] == runs[2]  # byte-identical shards and indexes for 1 and 2 workers
+    # every input sequence exactly once: tokens alone, then with labels, segments and NSP
+    assert _input_ids_of_packed(files) == _input_ids_of_unpacked(real_shards)
+    assert _sequences_of_packed(files) == _sequences_of_unpacked(real_shards)
+    # every shard holds a random mix of strategies: single sequences and multi-sequence packs
+    for f in files:
+        per_pack = [int(decode_example(r)["next_sentence_mask"].sum()) for r in iter_records(f)]
+        assert 1 in per_pack and max(per_pack) >= 2, f
+    other = pack_files(real_shards, tmp_path / "seed", sequence_length=128, packs_per_shard=1500,
+                       seed=7, workers=2)
+    assert other.counts["sequences out"] == n
+    assert (tmp_path / "seed" / files[0].name).read_bytes() != runs[2][files[0].name][0]
 
 
 def test_shuffle_keeps_every_record_and_mixes_files(tmp_path):

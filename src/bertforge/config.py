@@ -208,8 +208,10 @@ class ModelSection(Section):
                                          "backward pass (the reference's "
                                          "recompute_checkpoint_every_layer): ~1/3 more compute "
                                          "for far less activation memory")
-    attn_implementation: Literal["sdpa", "eager"] = opt(
-        "sdpa", "attention kernel: torch scaled_dot_product_attention or the plain reference path")
+    attn_implementation: Literal["sdpa", "eager", "varlen"] = opt(
+        "sdpa", "attention kernel: torch scaled_dot_product_attention, the plain reference path, "
+        "or variable-length flash attention (CUDA, bf16/fp16, no attention dropout; packed "
+        "rows without the S x S mask)")
 
     def check(self) -> None:
         if self.intermediate_size is None:
@@ -222,6 +224,8 @@ class ModelSection(Section):
         """The transformers.BertConfig of this shape (imported here: transformers is slow)."""
         import transformers
 
+        from bertforge.model.attention import implementation
+
         return transformers.BertConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             num_hidden_layers=self.num_hidden_layers,
@@ -232,7 +236,7 @@ class ModelSection(Section):
             layer_norm_eps=self.layer_norm_eps, hidden_dropout_prob=self.hidden_dropout_prob,
             attention_probs_dropout_prob=self.attention_probs_dropout_prob,
             initializer_range=self.initializer_range,
-            attn_implementation=self.attn_implementation)
+            attn_implementation=implementation(self.attn_implementation))
 
 
 @dataclass

@@ -1,22 +1,36 @@
 """`bertforge pack` and `bertforge shuffle`: packed pre-training shards, and the reader side.
 
-Pack stage (issue 4), three passes, each parallel:
+Pack stage (issue 4): memory bounded by the length histogram and one shard per worker, not
+by the dataset; three passes, the two heavy ones parallel:
 
-1. Lengths: every input shard is read once (one process per file) for each record's real
-   token count and labelled MLM predictions (2 x int16 per sequence).
-2. Plan: the length histogram is solved (`data.packing`: NNLSHP or SPFHP) and realised on
-   the sequence numbers with a seeded random choice among equal lengths; the packs are put
-   in a seeded random order (a global shuffle for free) and cut into output shards.
-3. Write: one process per output shard reads its member records from the indexed inputs
-   (one pread each, sorted by file and offset), lays them out (format below), encodes the
-   shard in one vectorised pass and writes it with its .index.
+1. Buckets (one process per input shard): read the shard, decode it in chunks only for each
+   record's real token count and labelled MLM predictions, and spill its raw records sorted
+   by length (stable) into `<output>/.pack-spill/` with an int64 offsets file (n + 1 byte
+   offsets, np.save). Returns only histogram-sized arrays: sequences of each length, most
+   predictions of a sequence of each length, M slots, record count. Memory per job: one
+   input shard's records (64 MB shards from `bertforge tokenize`: ~130 MB with one decoded
+   chunk).
+2. Plan (main process, histogram-sized): the summed histogram is solved (`data.packing`:
+   NNLSHP or SPFHP); the strategies' repeat counts are dealt into output shards of
+   `packs_per_shard` packs by seeded multivariate hypergeometric draws (each shard gets a
+   random mix of strategies). Bucket L is the concatenation, over input files in order, of
+   each spill's length-L slice; walking the shards in order, each takes the next contiguous
+   range of every bucket it needs. A shard's job is its strategy counts plus a list of
+   (length, spill, first record, count) ranges: O(S x shards) numbers in all.
+3. Write (one process per output shard): read its ranges (one read each, offsets from an
+   mmap'd slice), shuffle the rows of each length (RNG seeded by seed and shard), fill the
+   strategies' packs, put the packs in a seeded random order, lay them out (format below)
+   and encode them 4096 packs at a time, and write the shard with its .index. Memory per job:
+   one output shard's raw records (65536 packs at S=512, P=3: ~80k records, ~220 MB) plus one
+   chunk's decoded and packed arrays (~150 MB).
 
-Memory is bounded by per-sequence metadata (~50 bytes a sequence: lengths, index locations,
-pack table; ~0.8 GB for 16M sequences) plus one output shard's records per worker, never
-by the dataset's bytes. The price of not spilling records
-into per-length buckets: pass 3 reads inputs in pack order, i.e. random reads (page-cache
-speed on local disks; on network storage run `bertforge shuffle` style staging first).
-Sequences in = sequences out is counted and checked before the stage is marked complete.
+Which sequences land in a shard (and so share packs) is a contiguous slice of each length's
+bucket, i.e. follows input order: inputs from `bertforge tokenize` are globally shuffled, so
+such slices are random samples of the corpus. Run inputs that are not shuffled (e.g.
+concatenated corpora) through `bertforge shuffle` first. Disk: the spill is one extra copy
+of the input records while the stage runs; it is removed at the end (also on failure).
+Sequences in = sequences out and packs = the plan's packs are checked before the stage is
+marked complete; the output depends on the seed only, not on the number of workers.
 
 Packed record (docs/packing.md), S tokens, P sequences, M' prediction slots, all int64:
 input_ids, sequence_ids (0 padding, k = k-th sequence), segment_ids, position_ids (restart at
@@ -40,13 +54,14 @@ import torch
 
 from bertforge.data.example import decode_examples
 from bertforge.data.loader import expand_files
-from bertforge.data.packing import assign_packs, length_histogram, pack_histogram
+from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
 from bertforge.data.shards import ShardSpill, encode_example_batch, write_shard_from_spill
 from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete, progress
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index, read_record_at
 
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
-_CHUNK = 4096  # records decoded at once in the lengths pass
+SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed at the end
+_CHUNK = 4096  # records decoded at once (bucket pass, shuffle), packs laid out at once (write)
 REFERENCE_KEYS = ("packed_input_ids", "packed_input_mask", "packed_segment_ids",
                   "packed_position_ids", "packed_masked_lm_positions", "packed_masked_lm_ids",
                   "packed_masked_lm_mask", "packed_next_sentence_labels",
@@ -60,37 +75,84 @@ def _labelled(arrays: dict) -> np.ndarray:
     return real
 
 
-def _scan_lengths(job: tuple[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pool job: (shard, S) -> (real tokens, labelled predictions per record, M slots)."""
-    path, sequence_length = job
-    lengths, predictions, slots = [], [], 0
-    chunk: list[bytes] = []
+# ---------------------------------------------------------------- pack: buckets
+def _spill_paths(spill_dir: str | Path, file_no: int) -> tuple[Path, Path]:
+    """(records, offsets) spill files of input shard `file_no`."""
+    return (Path(spill_dir) / f"{file_no:05d}.records",
+            Path(spill_dir) / f"{file_no:05d}.offsets.npy")
 
-    def flush() -> None:
-        nonlocal slots
-        arrays = decode_examples(chunk, lambda i: f"{path}: record {i} of a chunk")
-        if "input_mask" not in arrays or "masked_lm_ids" not in arrays:
-            raise ValueError(f"{path}: records lack input_mask/masked_lm_ids; `bertforge pack` "
-                             "takes unpacked pre-training shards from `bertforge tokenize`")
+
+def _bucket_shard(job: tuple[str, int, str, int]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Pool job: (input shard, S, spill dir, file number) -> (sequences of each length [S+1],
+    most labelled predictions of one sequence of each length [S+1], M slots, records).
+
+    Spills the shard's raw records sorted by length (stable) and their byte offsets."""
+    path, sequence_length, spill_dir, file_no = job
+    records = list(iter_records(path))
+    lengths = np.zeros(len(records), np.int64)
+    predictions = np.zeros(len(records), np.int64)
+    slots = 0
+    for start in range(0, len(records), _CHUNK):
+        arrays = decode_examples(records[start:start + _CHUNK],
+                                 lambda i, start=start: f"{path}: record {start + i}")
+        if not {"input_mask", "masked_lm_ids", "next_sentence_labels"} <= arrays.keys():
+            raise ValueError(f"{path}: records lack input_mask/masked_lm_ids/next_sentence_labels;"
+                             " `bertforge pack` takes unpacked pre-training shards from "
+                             "`bertforge tokenize`")
         if arrays["input_mask"].shape[1] != sequence_length:
             raise ValueError(f"{path}: records have {arrays['input_mask'].shape[1]} tokens but "
                              f"--sequence-length is {sequence_length}")
-        lengths.append(arrays["input_mask"].sum(1).astype(np.int16))
-        predictions.append(_labelled(arrays).sum(1).astype(np.int16))
+        end = start + len(arrays["input_mask"])
+        lengths[start:end] = arrays["input_mask"].sum(1)
+        predictions[start:end] = _labelled(arrays).sum(1)
         slots = arrays["masked_lm_ids"].shape[1]
-        chunk.clear()
+    if len(records) and lengths.min() < 1:
+        raise ValueError(f"{path}: record {int(np.argmin(lengths))} has no real tokens "
+                         "(input_mask all 0); such records cannot be packed")
+    order = np.argsort(lengths, kind="stable")
+    offsets = np.zeros(len(records) + 1, np.int64)
+    np.cumsum(np.fromiter((len(r) for r in records), np.int64, len(records))[order],
+              out=offsets[1:])
+    records_path, offsets_path = _spill_paths(spill_dir, file_no)
+    with open(records_path, "wb", buffering=1 << 20) as f:
+        for i in order.tolist():
+            f.write(records[i])
+    np.save(offsets_path, offsets)
+    most = np.zeros(sequence_length + 1, np.int64)
+    np.maximum.at(most, lengths, predictions)
+    return np.bincount(lengths, minlength=sequence_length + 1), most, slots, len(records)
 
-    for record in iter_records(path):
-        chunk.append(record)
-        if len(chunk) == _CHUNK:
-            flush()
-    if chunk:
-        flush()
-    empty = np.zeros(0, np.int16)
-    return (np.concatenate(lengths) if lengths else empty,
-            np.concatenate(predictions) if predictions else empty, slots)
+
+# ---------------------------------------------------------------- pack: plan
+def _shard_ranges(per_file: np.ndarray, need: np.ndarray) -> list[list[tuple[int, int, int, int]]]:
+    """Per output shard, its (length, file, first spill record, count) ranges.
+
+    per_file [files, S+1] counts each input's lengths, need [shards, S+1] each shard's; bucket
+    L is the inputs' length-L slices in file order and shard i takes the range after shard
+    i-1's. Histogram-sized: O(shards x S) loop steps, independent of the sequences."""
+    file_end = np.cumsum(per_file, axis=0)            # end of file f's part of bucket L
+    file_start = file_end - per_file
+    first_in_spill = np.cumsum(per_file, axis=1) - per_file  # a spill is sorted by length
+    taken = np.cumsum(need, axis=0) - need             # bucket L records before shard i
+    out = []
+    for shard in range(len(need)):
+        ranges = []
+        for length in np.nonzero(need[shard])[0].tolist():
+            lo = int(taken[shard, length])
+            hi = lo + int(need[shard, length])
+            f = int(np.searchsorted(file_end[:, length], lo, side="right"))
+            while lo < hi:
+                count = min(hi, int(file_end[f, length])) - lo
+                if count > 0:
+                    first = int(first_in_spill[f, length] + lo - file_start[f, length])
+                    ranges.append((length, f, first, count))
+                    lo += count
+                f += 1
+        out.append(ranges)
+    return out
 
 
+# ---------------------------------------------------------------- pack: layout
 def packed_mask_slots(record_slots: int, max_sequences_per_pack: int, most_in_a_pack: int) -> int:
     """Prediction slots M' of a packed record: the reference's M + P - 1 (a pack of P sequences
     of M predictions each would not fit, but 15% of the pack's tokens do), or more when some
@@ -136,48 +198,79 @@ def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slo
     return out
 
 
-def _write_packed_shard(job: tuple) -> tuple[int, int]:
-    """Pool job: read the member records of one output shard, lay out and write its packs.
-
-    `members` [packs, P] numbers rows of `locations` (file, offset, length), which holds only
-    this shard's sequences, so a job's pickle is small whatever the dataset size."""
-    path, files, members, locations, sequence_length, mask_slots = job
-    order = np.lexsort((locations[:, 1], locations[:, 0]))  # read by file, then offset
-    records: list[bytes] = [b""] * len(locations)
-    fds: dict[int, int] = {}
+# ---------------------------------------------------------------- pack: write
+def _read_ranges(spill_dir: str, ranges) -> tuple[list[bytes], dict[int, np.ndarray], np.ndarray]:
+    """Records of `ranges` (one read each), the rows of each length, and each row's (file,
+    spill record) for error messages."""
+    records: list[bytes] = []
+    rows: dict[int, list[np.ndarray]] = {}
+    origin: list[np.ndarray] = []
+    handles = {}
     try:
-        for row in order.tolist():
-            file_id, offset, length = locations[row].tolist()
-            if file_id not in fds:
-                fds[file_id] = os.open(files[file_id], os.O_RDONLY)
-            records[row] = read_record_at(fds[file_id], files[file_id], offset, length, True)
+        for length, file_no, first, count in ranges:
+            records_path, offsets_path = _spill_paths(spill_dir, file_no)
+            if file_no not in handles:
+                handles[file_no] = open(records_path, "rb")
+            offsets = np.load(offsets_path, mmap_mode="r")[first:first + count + 1]
+            start, end = int(offsets[0]), int(offsets[-1])
+            f = handles[file_no]
+            f.seek(start)
+            data = f.read(end - start)
+            if len(data) != end - start:
+                raise RuntimeError(f"{records_path}: spill ends at {start + len(data)}, "
+                                   f"expected {end} bytes; was it removed while packing?")
+            bounds = (offsets - start).tolist()
+            rows.setdefault(length, []).append(np.arange(len(records), len(records) + count))
+            records.extend(data[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+            origin.append(np.column_stack([np.full(count, file_no), first + np.arange(count)]))
     finally:
-        for fd in fds.values():
-            os.close(fd)
-    arrays = decode_examples(records, lambda i: f"{files[locations[i, 0]]}: record at byte "
-                                                f"offset {locations[i, 1]}")
-    local = members
-    packed = layout_packs(arrays, local, sequence_length, mask_slots)
-    data, lengths = encode_example_batch(packed)
-    # Packs arrive already in a global random order: write them as they are.
-    ends = np.cumsum(lengths).tolist()
-    view = memoryview(data)
+        for f in handles.values():
+            f.close()
+    return (records, {n: np.concatenate(r) for n, r in rows.items()},
+            np.concatenate(origin) if origin else np.zeros((0, 2), np.int64))
+
+
+def _write_packed_shard(job: tuple) -> tuple[int, int]:
+    """Pool job: build and write one output shard from its bucket ranges; (packs, sequences)."""
+    (path, spill_dir, ranges, strategies, counts, sequence_length, mask_slots, width, seed,
+     shard) = job
+    rng = np.random.default_rng([seed, 3, shard])
+    records, rows, origin = _read_ranges(spill_dir, ranges)
+    pools = {n: rng.permutation(rows[n]) for n in sorted(rows)}  # who shares a pack: random
+    used = dict.fromkeys(pools, 0)
+    members = np.full((int(sum(counts)), width), -1, np.int64)
+    row = 0
+    for strategy, count in zip(strategies, counts):
+        for slot, length in enumerate(strategy):
+            members[row:row + count, slot] = pools[length][used[length]:used[length] + count]
+            used[length] += count
+        row += count
+    assert all(used[n] == len(pools[n]) for n in pools), "shard ranges do not match its packs"
+    members = members[rng.permutation(len(members))]  # packs in random order
     with RecordWriter(path) as writer:
-        for start, end in zip([0, *ends[:-1]], ends):
-            writer.write(bytes(view[start:end]))
+        for begin in range(0, len(members), _CHUNK):
+            chunk = members[begin:begin + _CHUNK]
+            ids = np.unique(chunk[chunk >= 0])
+            local = np.where(chunk >= 0, np.searchsorted(ids, np.maximum(chunk, 0)), -1)
+            arrays = decode_examples([records[i] for i in ids.tolist()],
+                                     lambda i, ids=ids: _describe(spill_dir, origin[ids[i]]))
+            data, sizes = encode_example_batch(layout_packs(arrays, local, sequence_length,
+                                                            mask_slots))
+            ends = np.cumsum(sizes).tolist()
+            view = memoryview(data)
+            for start, end in zip([0, *ends[:-1]], ends):
+                writer.write(bytes(view[start:end]))
     return len(members), int((members >= 0).sum())
 
 
-def _shard_job(path, files, members, locations, sequence_length, mask_slots) -> tuple:
-    """One output shard's job, its pack table renumbered to its own sequences."""
-    ids = np.unique(members[members >= 0])
-    local = np.where(members >= 0, np.searchsorted(ids, np.maximum(members, 0)), -1)
-    return path, files, local, locations[ids], sequence_length, mask_slots
+def _describe(spill_dir: str, origin: np.ndarray) -> str:
+    file_no, record = origin.tolist()
+    return f"{_spill_paths(spill_dir, file_no)[0]}: record {record} (sorted by length)"
 
 
 def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
-               max_sequences_per_pack: int = 3, algorithm: str = "nnlshp", seed: int = 12345, packs_per_shard: int = 65536,
-               workers: int | None = None) -> Summary:
+               max_sequences_per_pack: int = 3, algorithm: str = "nnlshp", seed: int = 12345,
+               packs_per_shard: int = 65536, workers: int | None = None) -> Summary:
     """The `bertforge pack` stage; returns its summary (see the module docstring)."""
     output_dir = Path(output_dir)
     files = [str(f) for f in expand_files(inputs)]
@@ -187,53 +280,75 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
     done = is_complete(output_dir, "pack", params)
     if done is not None:
         return done
-    workers = workers or default_workers()
+    if packs_per_shard < 1:
+        raise ValueError(f"--packs-per-shard must be at least 1, got {packs_per_shard}")
+    spill_dir = output_dir / SPILL_DIR
+    shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
+    spill_dir.mkdir(parents=True)
+    try:
+        return _pack(files, output_dir, spill_dir, params, workers or default_workers())
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _pack(files: list[str], output_dir: Path, spill_dir: Path, params: dict, workers: int
+          ) -> Summary:
+    sequence_length, seed = params["sequence_length"], params["seed"]
     ctx = get_context("fork")  # as the other stages: workers inherit the imported modules
+    jobs = [(f, sequence_length, str(spill_dir), i) for i, f in enumerate(files)]
     with ctx.Pool(min(workers, len(files))) as pool:
-        scanned = list(progress(pool.imap(_scan_lengths, [(f, sequence_length) for f in files]),
-                                total=len(files), desc="pack: lengths", unit="file"))
-    lengths = np.concatenate([s[0] for s in scanned])  # int16: 2 bytes per sequence
-    predictions = np.concatenate([s[1] for s in scanned])
-    if not len(lengths):
+        scanned = list(progress(pool.imap(_bucket_shard, jobs), total=len(files),
+                                desc="pack: buckets", unit="file"))
+    per_file = np.stack([s[0] for s in scanned])  # [files, S+1]
+    most = np.stack([s[1] for s in scanned]).max(0)
+    num_sequences = sum(s[3] for s in scanned)
+    if not num_sequences:
         raise ValueError(f"no records in {files[0]}...; nothing to pack")
     solve_start = time.perf_counter()
-    plan = pack_histogram(length_histogram(lengths, sequence_length), sequence_length,
-                          max_sequences_per_pack, algorithm)
+    plan = pack_histogram(per_file.sum(0), sequence_length, params["max_sequences_per_pack"],
+                          params["algorithm"])
     solve_time = time.perf_counter() - solve_start
-    packs = assign_packs(lengths, plan, seed)
-    packs = packs[np.random.default_rng([seed, 1]).permutation(len(packs))]
-    width = packs.shape[1]
-    pack_predictions = np.where(packs >= 0, predictions[np.maximum(packs, 0)], 0)
-    pack_predictions = pack_predictions.sum(1, dtype=np.int64)
-    mask_slots = packed_mask_slots(max(s[2] for s in scanned), width, int(pack_predictions.max()))
-    locations = np.concatenate([np.column_stack([np.full(len(index), i), index])
-                                for i, index in enumerate(read_index(f) for f in files)])
-    if len(locations) != len(lengths):
-        raise ValueError(f"the .index files of {files[0]}... list {len(locations):,} records but "
-                         f"the shards hold {len(lengths):,}; re-run `bertforge index` on them")
-    num_shards = -(-len(packs) // packs_per_shard)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    width = max(len(s) for s in plan.strategies)
+    by_strategy = strategy_lengths(plan)  # [strategies, S+1]
+    # Enough slots for the most predictions any used strategy could need: never truncated.
+    mask_slots = packed_mask_slots(max(s[2] for s in scanned), width,
+                                   int((by_strategy @ most)[plan.counts > 0].max()))
+    num_shards = -(-plan.num_packs // params["packs_per_shard"])
+    sizes = [plan.num_packs // num_shards + (i < plan.num_packs % num_shards)
+             for i in range(num_shards)]
+    shard_counts = split_plan(plan, sizes, np.random.default_rng([seed, 1]))
+    ranges = _shard_ranges(per_file, shard_counts @ by_strategy)
     paths = [output_dir / f"packed-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
-    jobs = (_shard_job(str(paths[i]), files, packs[i::num_shards], locations, sequence_length,
-                       mask_slots) for i in range(num_shards))
+    jobs = (_shard_job(plan, shard_counts[i], str(paths[i]), str(spill_dir), ranges[i],
+                       sequence_length, mask_slots, width, seed, i) for i in range(num_shards))
     with ctx.Pool(min(workers, num_shards)) as pool:
         results = list(progress(pool.imap(_write_packed_shard, jobs), total=num_shards,
                                 desc="pack: write", unit="shard"))
     written_packs = sum(r[0] for r in results)
     written_sequences = sum(r[1] for r in results)
-    if written_sequences != len(lengths) or written_packs != plan.num_packs:
-        raise RuntimeError(f"pack: {len(lengths)} sequences in but {written_sequences} written")
+    if written_sequences != num_sequences or written_packs != plan.num_packs:
+        raise RuntimeError(f"pack: {num_sequences} sequences in but {written_sequences} written,"
+                           f" {written_packs} packs written of {plan.num_packs} planned")
     summary = Summary("pack")
-    summary.counts.update({"sequences in": len(lengths), "sequences out": written_sequences,
+    summary.counts.update({"sequences in": num_sequences, "sequences out": written_sequences,
                            "packs": written_packs, "shards": num_shards})
     stats = {"sequence_length": sequence_length, "max_sequences_per_pack": width,
-             "mask_slots": mask_slots, "algorithm": algorithm, "sequences": len(lengths),
-             "packs": plan.num_packs, "efficiency": plan.efficiency,
+             "mask_slots": mask_slots, "algorithm": params["algorithm"],
+             "sequences": num_sequences, "packs": plan.num_packs, "efficiency": plan.efficiency,
              "packing_factor": plan.packing_factor}
     (output_dir / PLAN_FILE).write_text(json.dumps(stats, indent=1))
     mark_complete(output_dir, "pack", params, [*paths, output_dir / PLAN_FILE], summary)
-    print(f"{plan.summary()}; {algorithm} solved in {solve_time:.2f} s")
+    print(f"{plan.summary()}; {params['algorithm']} solved in {solve_time:.2f} s")
     return summary
+
+
+def _shard_job(plan: PackingPlan, counts: np.ndarray, path: str, spill_dir: str, ranges: list,
+               sequence_length: int, mask_slots: int, width: int, seed: int, shard: int
+               ) -> tuple:
+    """One output shard's job: the strategies it uses with their counts, and its ranges."""
+    used = np.nonzero(counts)[0].tolist()
+    return (path, spill_dir, ranges, [plan.strategies[i] for i in used],
+            [int(counts[i]) for i in used], sequence_length, mask_slots, width, seed, shard)
 
 
 # ---------------------------------------------------------------- shuffle

@@ -25,8 +25,10 @@ than on the N sequences, so their cost does not grow with the dataset:
   (paper: 99.6% in 0.03 s).
 
 `pack_histogram` returns a `PackingPlan` (strategies + repeat counts); `pack_lengths` turns a
-plan into packs of sequence indices for any list of lengths (the pack stage and SQuAD
-windows both use it). Counts in = counts out is checked on every plan.
+plan into packs of sequence indices for any list of lengths (SQuAD windows use it);
+`split_plan` deals a plan's packs into output shards at random and `strategy_lengths` says
+which lengths each strategy takes (the pack stage works on those, never on per-sequence
+arrays). Counts in = counts out is checked on every plan.
 """
 
 from __future__ import annotations
@@ -240,6 +242,36 @@ def pack_histogram(histogram: np.ndarray, max_len: int, max_per_pack: int = 3,
     if algorithm == "spfhp":
         return spfhp(histogram, max_len, max_per_pack)
     return nnlshp(histogram, max_len, max_per_pack)
+
+
+def strategy_lengths(plan: PackingPlan) -> np.ndarray:
+    """[strategies, S+1] int64: how many sequences of each length one pack of each strategy holds."""
+    out = np.zeros((len(plan.strategies), plan.max_len + 1), dtype=np.int64)
+    for row, strategy in enumerate(plan.strategies):
+        for length in strategy:
+            out[row, length] += 1
+    return out
+
+
+def split_plan(plan: PackingPlan, packs_per_part: list[int], rng: np.random.Generator
+               ) -> np.ndarray:
+    """[parts, strategies] int64 repeat counts: the plan's packs dealt into parts of the given
+    sizes at random (sequential multivariate hypergeometric draws, i.e. a seeded shuffle of
+    the packs cut into parts), so each part gets a random mix of strategies. Histogram-sized:
+    the cost grows with parts x strategies, not with the packs."""
+    if sum(packs_per_part) != plan.num_packs:
+        raise ValueError(f"parts hold {sum(packs_per_part)} packs but the plan has "
+                         f"{plan.num_packs}")
+    remaining = plan.counts.astype(np.int64).copy()
+    out = np.zeros((len(packs_per_part), len(remaining)), dtype=np.int64)
+    for part, size in enumerate(packs_per_part):
+        if part == len(packs_per_part) - 1:
+            out[part] = remaining
+        elif size:
+            out[part] = rng.multivariate_hypergeometric(remaining, size)
+        remaining -= out[part]
+    assert (remaining == 0).all() and (out.sum(1) == packs_per_part).all()
+    return out
 
 
 def assign_packs(lengths: np.ndarray, plan: PackingPlan, seed: int | None = None) -> np.ndarray:

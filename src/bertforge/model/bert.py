@@ -49,9 +49,10 @@ and `next_sentence_mask` [B, P] marks real sequences. The encoder gets a block-d
 so no sequence sees another: losses, logits and gradients equal those of the same sequences
 run one per row (tests/test_packed_pretrain.py, fp32 within 1e-5). NSP reads each sequence's
 [CLS] through the pooler; MLM positions are row positions, so the gathered head is unchanged.
-The mask costs B x S^2 bytes (bool; 1 MB for 4 x 512^2) and SDPA on CPU still computes the
+The mask costs B x S^2 bytes (bool; 1 MB for 4 x 512^2) and SDPA still computes the
 masked-out blocks: attention is ~10% of BERT-base FLOPs at 512, so packing keeps ~90% of its
-padding saving there; GPU variable-length flash attention would also save that.
+padding saving there. `--attn-implementation varlen` (model/attention.py, CUDA) replaces the
+mask with per-sequence offsets and FlashAttention computes the diagonal blocks only.
 
 `reference_forward` is the simple path kept beside the fast one: the stock HF full-vocab head
 over every position, with labels -100 except at the masked positions; tests check both agree.
@@ -66,6 +67,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+from bertforge.model.attention import VARLEN, implementation, segment_kwargs
 
 # Feature names of a pre-training record (the reference's TFRecord keys).
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
@@ -146,11 +149,18 @@ def encode_packed(bert: transformers.BertModel, input_ids: torch.Tensor, sequenc
     itself. The pooler is not run (BertModel.forward would pool row position 0: wasted work).
     Pre-training (GatheredBertForPreTraining.encode) and packed SQuAD (squad/packed.py) share it.
     """
-    additive = None if bert.config._attn_implementation == "sdpa" else bert.dtype
-    mask = block_diagonal_mask(sequence_ids, additive)
+    varlen = segment_kwargs(bert, sequence_ids)  # varlen attention: segments, no mask
+    mask = None if varlen else _packed_mask(bert, sequence_ids)
     embeddings = bert.embeddings(input_ids=input_ids, token_type_ids=segment_ids,
                                  position_ids=position_ids)
-    return bert.encoder(embeddings, attention_mask=mask, return_dict=True).last_hidden_state
+    return bert.encoder(embeddings, attention_mask=mask, return_dict=True, **varlen).last_hidden_state
+
+
+def _packed_mask(bert: transformers.BertModel, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal mask in the form `bert`'s attention takes: bool for SDPA (and
+    varlen's fallback), additive for eager."""
+    sdpa = bert.config._attn_implementation in ("sdpa", VARLEN)
+    return block_diagonal_mask(sequence_ids, None if sdpa else bert.dtype)
 
 
 def last_layer_at_rows(layer: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor,
@@ -191,13 +201,13 @@ def encode_rows(bert: transformers.BertModel, batch: Mapping[str, torch.Tensor],
     (padding queries differ, and are never read)."""
     packed = is_packed(batch)
     sequence_ids = batch["sequence_ids"] if packed else batch["input_mask"]
-    additive = None if bert.config._attn_implementation == "sdpa" else bert.dtype
-    mask = block_diagonal_mask(sequence_ids, additive)
+    varlen = segment_kwargs(bert, sequence_ids)  # varlen attention: segments, no mask
+    mask = None if varlen else _packed_mask(bert, sequence_ids)
     hidden = bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["segment_ids"],
                              position_ids=batch.get("position_ids"))
     layers = bert.encoder.layer
     for layer in layers[:-1]:
-        hidden = layer(hidden, mask)
+        hidden = layer(hidden, mask, **varlen)
     return last_layer_at_rows(layers[-1], hidden, rows, sequence_ids)
 
 
@@ -442,11 +452,10 @@ def build_pretraining_model(config: transformers.BertConfig, *, activation_check
                             attn_implementation: str = "sdpa") -> GatheredBertForPreTraining:
     """A freshly initialised pre-training model for `config` (layer_norm_eps, dropouts and
     initializer_range are taken from it). `attn_implementation`: "sdpa" (default: PyTorch's
-    fused attention, CPU and GPU) or "eager" (HF's matmul-softmax reference)."""
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation {attn_implementation!r} is not supported; use sdpa or eager")
+    fused attention, CPU and GPU), "eager" (HF's matmul-softmax reference) or "varlen"
+    (model/attention.py: variable-length flash attention on CUDA)."""
     config = transformers.BertConfig.from_dict(config.to_dict())  # do not mutate the caller's
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = implementation(attn_implementation)
     model = GatheredBertForPreTraining(config)
     init_pretraining_weights(model, config.initializer_range)
     if activation_checkpointing:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bertforge.model.attention import check_varlen, implementation
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import SquadSet, load_split, skipped_line
 from bertforge.squad.features import Window, WindowSpec, build_windows, pad_windows
@@ -115,7 +116,7 @@ def build_qa_model(source: Path | str | None, model_section: Any, *, need_traine
         model, info = transformers.BertForQuestionAnswering.from_pretrained(
             source, output_loading_info=True, hidden_dropout_prob=m.hidden_dropout_prob,
             attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-            attn_implementation=m.attn_implementation)
+            attn_implementation=implementation(m.attn_implementation))
     except OSError as err:
         raise ValueError(f"--checkpoint-input-dir {source}: cannot load a BERT model ({err})") \
             from None
@@ -238,6 +239,9 @@ class SquadTrainer:
         if cfg.model.activation_checkpointing:
             from bertforge.model.bert import enable_activation_checkpointing
             enable_activation_checkpointing(self.model)
+        if cfg.model.attn_implementation == "varlen":
+            check_varlen(ctx.device, t.precision, self.model.config.attention_probs_dropout_prob,
+                         training=s.squad_do_training)
         self.precision = Precision(t.precision, ctx.device, auto_loss_scaling=t.auto_loss_scaling,
                                    loss_scaling=t.loss_scaling)
         self.spec = WindowSpec(cfg.data.sequence_length, cfg.data.doc_stride,

@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from bertforge.config import PretrainConfig
+from bertforge.model.attention import check_varlen, implementation
 from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model, labelled_slots,
                                   num_sequences)
 from bertforge.train import checkpoint as ckpt
@@ -71,7 +72,7 @@ class Trainer:
         source = ckpt.resolve_checkpoint(c.checkpoint_input_dir) if c.checkpoint_input_dir else None
         if source is not None:
             model = GatheredBertForPreTraining.from_pretrained(
-                source, attn_implementation=cfg.model.attn_implementation)
+                source, attn_implementation=implementation(cfg.model.attn_implementation))
             if cfg.model.activation_checkpointing:
                 from bertforge.model.bert import enable_activation_checkpointing
                 enable_activation_checkpointing(model)
@@ -85,6 +86,8 @@ class Trainer:
             model = build_pretraining_model(cfg.model.to_bert_config(),
                                             activation_checkpointing=cfg.model.activation_checkpointing,
                                             attn_implementation=cfg.model.attn_implementation)
+        if cfg.model.attn_implementation == "varlen":
+            check_varlen(ctx.device, t.precision, model.config.attention_probs_dropout_prob)
         self.source = source
         if c.checkpoint_output_dir:
             self.run_dir = Path(c.checkpoint_output_dir)
