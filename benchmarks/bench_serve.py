@@ -63,7 +63,8 @@ def start_server(model: Path, args, batching: bool, log: Path):
     cmd = [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(model),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
-           "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us)]
+           "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us),
+           "--precision", args.precision]
     if not batching:
         cmd.append("--no-dynamic-batching")
     with open(log, "w") as out:
@@ -91,16 +92,19 @@ def stop_server(proc) -> None:
 def bench_bert(model, url, args, label):
     from bertforge.serve.bench import BenchConfig, reference_logits, run_setting, synthetic_rows
     from bertforge.serve.qa import load_qa_checkpoint
+    # bf16 logits move by ~1e-2 with the batch a row lands in: compare at that tolerance.
+    tolerance = 1e-4 if args.precision == "fp32" else 5e-2
     cfg = BenchConfig(checkpoint_input_dir=model, url=url, requests=args.requests,
-                      sequence_length=args.sequence_length)
-    qa_model, _ = load_qa_checkpoint(model)
+                      sequence_length=args.sequence_length, mode=args.mode,
+                      rtol=tolerance, atol=tolerance)
+    qa_model, _ = load_qa_checkpoint(model, precision=args.precision)
     rows = synthetic_rows(cfg.pool_size, args.sequence_length, qa_model.config.vocab_size)
     payloads = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(cfg.pool_size)]
     expected = reference_logits(qa_model, payloads)
     throughput = {}
     for clients in (1, 4, 8):
         result = run_setting(cfg, url, clients, payloads, expected)
-        print(f"bert batching: {label} {result.line('sync', 'grpc')}", flush=True)
+        print(f"bert batching: {label} {result.line(args.mode, 'grpc')}", flush=True)
         if result.errors or result.mismatches:
             raise SystemExit(f"bad replies: {result.first_error}")
         throughput[clients] = result.samples / result.seconds
@@ -111,7 +115,7 @@ def bench_qa(model, url, args) -> None:
     import tritonclient.grpc as grpcclient
 
     from bertforge.serve.server import ServeConfig, build_engine
-    engine = build_engine(ServeConfig(checkpoint_input_dir=model,
+    engine = build_engine(ServeConfig(checkpoint_input_dir=model, precision=args.precision,
                                       sequence_length=args.sequence_length,
                                       max_query_length=32, doc_stride=32))
     rng = np.random.default_rng(0)
@@ -159,6 +163,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100, help="per client and setting")
     p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync",
+                   help="clients wait for each reply (sync) or keep 4 requests in flight")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp) / "model", args.shape)
@@ -171,6 +178,8 @@ def main() -> None:
                     bench_qa(model, url, args)
             finally:
                 stop_server(proc)
+                log = (Path(tmp) / f"serve-{label}.log").read_text().splitlines()
+                print(f"batching {label}: {next(l for l in reversed(log) if 'stopped' in l)}")
     speedup = results["on"][8] / results["off"][8]
     print(f"dynamic batching speedup at 8 clients: {speedup:.2f}x (floor 2x)", flush=True)
 

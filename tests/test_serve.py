@@ -8,6 +8,7 @@ One server for the module (~8 s to start and ~6 s to stop on 2 cores); a tiny ra
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -242,8 +243,11 @@ def test_serve_bench_flags_wrong_answers(server, tmp_path, capsys):
 
 
 def test_sigterm_stops_server_and_every_child(server):
-    """Runs last of the tests on the shared server: it stops it."""
+    """Runs last of the tests on the shared server: it stops it, and reports what it served."""
     stop_and_check(server, signal.SIGTERM)
+    last = server["log"].read_text().splitlines()[-1]
+    assert re.search(r"bert [\d,]+ rows in [\d,]+ executions \(mean batch [\d.]+\)", last), last
+    assert "bert_qa" in last
 
 
 def test_sigint_stops_server_even_when_started_in_the_background(qa_dir, tmp_path):

@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,24 @@ def _decode(column: np.ndarray, name: str) -> list[str]:
     return out
 
 
-def bind_models(triton, engine, cfg: ServeConfig) -> None:
+@dataclass
+class Executions:
+    """Requests and model executions per model: the mean batch says how well the dynamic
+    batcher is filling batches (printed when the server stops)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    executions: dict[str, int] = field(default_factory=dict)
+
+    def add(self, model: str, rows: int) -> None:
+        self.requests[model] = self.requests.get(model, 0) + rows
+        self.executions[model] = self.executions.get(model, 0) + 1
+
+    def line(self) -> str:
+        return "; ".join(f"{m} {n:,} rows in {self.executions[m]:,} executions (mean batch "
+                         f"{n / self.executions[m]:.2f})" for m, n in self.requests.items())
+
+
+def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = None) -> None:
     """Bind `bert` and `bert_qa` of `engine` (a serve.qa.QAEngine) to a pytriton.Triton."""
     from pytriton.decorators import batch
     from pytriton.exceptions import PyTritonValidationError
@@ -96,6 +113,8 @@ def bind_models(triton, engine, cfg: ServeConfig) -> None:
 
     @batch
     def infer_bert(input_ids, attention_mask, token_type_ids):
+        if stats is not None:
+            stats.add("bert", len(input_ids))
         try:
             start, end = engine.logits(input_ids, attention_mask, token_type_ids)
         except ValueError as err:
@@ -104,6 +123,8 @@ def bind_models(triton, engine, cfg: ServeConfig) -> None:
 
     @batch
     def infer_qa(question, context):
+        if stats is not None:
+            stats.add("bert_qa", len(question))
         try:
             answers = engine.answer_many(_decode(question, "question"),
                                          _decode(context, "context"))
@@ -162,6 +183,7 @@ def serve(cfg: ServeConfig) -> None:
     check_runtime()
     from pytriton.triton import Triton, TritonConfig
     engine = build_engine(cfg)
+    stats = Executions()
     triton_cfg = TritonConfig(http_address=cfg.host, http_port=cfg.http_port,
                               grpc_address=cfg.host, grpc_port=cfg.grpc_port,
                               metrics_port=cfg.metrics_port, exit_timeout_secs=cfg.exit_timeout)
@@ -173,7 +195,7 @@ def serve(cfg: ServeConfig) -> None:
     previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with Triton(config=triton_cfg) as triton:
-            bind_models(triton, engine, cfg)
+            bind_models(triton, engine, cfg, stats)
             print(f"serve: models bert, bert_qa on http://{cfg.host}:{cfg.http_port} and "
                   f"grpc {cfg.host}:{cfg.grpc_port} (S={cfg.sequence_length}, max batch "
                   f"{cfg.max_batch_size if cfg.dynamic_batching else 1}, dynamic batching "
@@ -187,4 +209,4 @@ def serve(cfg: ServeConfig) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print("serve: stopped", flush=True)
+    print(f"serve: stopped; {stats.line() or 'no requests'}", flush=True)
