@@ -129,9 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint_input_dir=args.checkpoint_input_dir, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-        dynamic_batching=args.dynamic_batching, device=args.device, precision=args.precision,
-        sequence_length=args.sequence_length, doc_stride=args.doc_stride,
-        max_query_length=args.max_query_length))
+        dynamic_batching=args.dynamic_batching, padding_free=args.padding_free,
+        device=args.device, precision=args.precision, sequence_length=args.sequence_length,
+        doc_stride=args.doc_stride, max_query_length=args.max_query_length))
     return 0
 
 
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the dynamic batcher waits to fill a batch")
     p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                    help="serve one request row at a time (max batch 1), for comparison")
+    p.add_argument("--no-padding-free", dest="padding_free", action="store_false",
+                   help="run the model on the padded rows as sent (the stock path) instead of "
+                        "packing the batch's rows and trimming padding")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--sequence-length", type=int, default=384)

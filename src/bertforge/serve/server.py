@@ -52,6 +52,7 @@ class ServeConfig:
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
     dynamic_batching: bool = True
+    padding_free: bool = True
     device: str = "cpu"
     precision: str = "fp32"
     sequence_length: int = 384
@@ -175,7 +176,8 @@ def build_engine(cfg: ServeConfig):
                          f"--max-query-length - 3 = {budget}; lower them or raise S")
     spec = WindowSpec(sequence_length=cfg.sequence_length, doc_stride=cfg.doc_stride,
                       max_query_length=cfg.max_query_length)
-    return QAEngine(model, tokenizer, spec, max_batch_size=cfg.max_batch_size)
+    return QAEngine(model, tokenizer, spec, max_batch_size=cfg.max_batch_size,
+                    padding_free=cfg.padding_free)
 
 
 def serve(cfg: ServeConfig) -> None:
