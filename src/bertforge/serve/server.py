@@ -3,14 +3,20 @@
 - `bert`: input_ids, attention_mask, token_type_ids INT32 [-1, S] -> start_logits, end_logits
   FP32 [-1, S]; Triton's dynamic batcher merges concurrent requests (up to --max-batch-size
   rows, waiting at most --max-queue-delay-us), the reference's model "bert" with S = 384.
+  Logits at padding positions (attention_mask 0) are PAD_LOGIT (-10000): right-padded rows
+  are run padding-free (serve/qa.py: the batch's rows packed, packs trimmed), which never
+  computes them; `--no-padding-free` runs the rows as sent, with the same outputs.
 - `bert_qa`: question, context BYTES [-1, 1] (UTF-8) -> answer BYTES, score FP32, start/end
   INT32 (character offsets into the context); long contexts are windowed and answers
   post-processed by the SQuAD code (serve/qa.py).
 
 Triton checks dtype and shape of every request before it reaches Python (a sequence longer
 than S is a shape error there); token ids out of the vocab, non-0/1 masks, invalid UTF-8 and
-empty contexts raise in the model function, which Triton turns into an error response for
-that batch while the server keeps serving. Health/readiness are Triton's own
+empty contexts raise in the model function, which Triton turns into an error response while
+the server keeps serving. With dynamic batching that error goes to every request of the
+batch the bad one was merged into: PyTriton 0.7 answers a failed execution with one error for
+all of its requests (proxy/model.py, BatchResponsesHandler), so a client that sent a good
+request in that batch must retry it; the error text names the bad row. Health/readiness are Triton's own
 (/v2/health/ready, /v2/models/bert/ready, gRPC ServerReady). SIGINT and SIGTERM stop the
 server and its tritonserver child, with in-flight requests given --exit-timeout seconds.
 
@@ -19,9 +25,11 @@ command runs on a laptop CPU and a GPU box without the 10+ GB Triton container; 
 one extra hop (python backend stub -> this process over shared memory and zmq): a tiny model
 (hidden 64, S 64) answers one gRPC client in 6.2 ms p50 here. For a container deployment
 `bertforge export --format triton-repo` writes an onnxruntime-backend repository instead.
-Dynamic batching is the throughput lever on CPU as on GPU: mini BERT (256/4) at S 128 with
-8 gRPC clients, 132 vs 64 samples/s (2.1x) over batch-1 serving (benchmarks/bench_serve.py,
-2-core box).
+Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box (server,
+stubs and clients on the same cores) it gives mini BERT (256/4) at S 128 with 8 sync gRPC
+clients 1.67x the batch-1 throughput, 1.98x that of stock padded batch-1 serving
+(benchmarks/bench_serve.py; docs/benchmarks.md). The server prints each model's mean batch
+when it stops.
 
 Requirement seen here: PyTriton 0.7's python backend stub needs numpy<2 (with numpy 2 every
 output tensor arrives empty), and it links libpython, so LD_LIBRARY_PATH must hold the
