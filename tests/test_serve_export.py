@@ -62,6 +62,17 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 16" in config
     assert "dynamic_batching" in config and config.count("TYPE_INT32") == 3
     assert "max abs diff" in capsys.readouterr().out
+    # Parsed with Triton's own ModelConfig schema (tritonclient ships model_config.proto), as
+    # tritonserver parses config.pbtxt: unknown fields or bad enum values would fail here.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    parsed = text_format.Parse(config, model_config_pb2.ModelConfig())
+    assert parsed.name == "bert" and parsed.platform == "onnxruntime_onnx"
+    assert parsed.max_batch_size == 16 and parsed.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.name for i in parsed.input] == list(INPUTS)
+    assert [o.name for o in parsed.output] == list(OUTPUTS)
+    assert all(list(t.dims) == [-1] for t in [*parsed.input, *parsed.output])
+    assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
 def test_export_without_qa_head_is_a_user_error(tmp_path, capsys):
