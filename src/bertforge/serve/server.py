@@ -95,6 +95,15 @@ def _decode(column: np.ndarray, name: str) -> list[str]:
     return out
 
 
+def _batch_error(err: ValueError, rows: int) -> str:
+    """The error text of a failed execution. PyTriton sends it to every request of the batch,
+    so a client whose own request was fine learns that it was not run and can resend it."""
+    if rows == 1:
+        return str(err)
+    return (f"{err} (in a dynamic batch of {rows} rows: every request merged into it gets this "
+            "error and none was run; resend the valid ones)")
+
+
 @dataclass
 class Executions:
     """Requests and model executions per model: the mean batch says how well the dynamic
@@ -127,7 +136,7 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
         try:
             start, end = engine.logits(input_ids, attention_mask, token_type_ids)
         except ValueError as err:
-            raise PyTritonValidationError(str(err)) from None
+            raise PyTritonValidationError(_batch_error(err, len(input_ids))) from None
         return {"start_logits": start, "end_logits": end}
 
     @batch
@@ -138,7 +147,7 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
             answers = engine.answer_many(_decode(question, "question"),
                                          _decode(context, "context"))
         except ValueError as err:
-            raise PyTritonValidationError(str(err)) from None
+            raise PyTritonValidationError(_batch_error(err, len(question))) from None
         return {"answer": np.array([[a.text.encode("utf-8")] for a in answers], dtype=np.object_),
                 "score": np.array([[a.score] for a in answers], dtype=np.float32),
                 "start": np.array([[a.start] for a in answers], dtype=np.int32),
