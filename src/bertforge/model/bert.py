@@ -68,7 +68,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
-from bertforge.model.attention import VARLEN, implementation, segment_kwargs
+from bertforge.model.attention import implementation, segment_kwargs
 
 # Feature names of a pre-training record (the reference's TFRecord keys).
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
@@ -157,9 +157,9 @@ def encode_packed(bert: transformers.BertModel, input_ids: torch.Tensor, sequenc
 
 
 def _packed_mask(bert: transformers.BertModel, sequence_ids: torch.Tensor) -> torch.Tensor:
-    """The block-diagonal mask in the form `bert`'s attention takes: bool for SDPA (and
-    varlen's fallback), additive for eager."""
-    sdpa = bert.config._attn_implementation in ("sdpa", VARLEN)
+    """The block-diagonal mask in the form `bert`'s attention takes: bool for SDPA, additive
+    for eager (varlen takes segments instead: segment_kwargs)."""
+    sdpa = bert.config._attn_implementation == "sdpa"
     return block_diagonal_mask(sequence_ids, None if sdpa else bert.dtype)
 
 
@@ -208,6 +208,7 @@ def encode_rows(bert: transformers.BertModel, batch: Mapping[str, torch.Tensor],
     layers = bert.encoder.layer
     for layer in layers[:-1]:
         hidden = layer(hidden, mask, **varlen)
+    # The last layer's R query rows take a [B, 1, R, S] mask through SDPA, varlen or not.
     return last_layer_at_rows(layers[-1], hidden, rows, sequence_ids)
 
 

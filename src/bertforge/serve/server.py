@@ -16,8 +16,8 @@ empty contexts raise in the model function, which Triton turns into an error res
 the server keeps serving. With dynamic batching that error goes to every request of the
 batch the bad one was merged into: PyTriton 0.7 answers a failed execution with one error for
 all of its requests (proxy/model.py, BatchResponsesHandler), so a client that sent a good
-request in that batch must retry it; the error text names the bad row. Health/readiness are Triton's own
-(/v2/health/ready, /v2/models/bert/ready, gRPC ServerReady). SIGINT and SIGTERM stop the
+request in that batch must resend it; the error text says so and names the bad row.
+Health/readiness are Triton's own (/v2/health/ready, /v2/models/bert/ready, gRPC ServerReady). SIGINT and SIGTERM stop the
 server and its tritonserver child, with in-flight requests given --exit-timeout seconds.
 
 Why PyTriton: it ships the tritonserver binary and the python backend on PyPI, so the same
