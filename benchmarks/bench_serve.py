@@ -16,7 +16,7 @@ CPU; `on` vs `off` is that ratio with everything else equal, `on` vs `off-padded
 the padding-free engine gives over stock batch-1 serving. Results: docs/benchmarks.md.
 
     python benchmarks/bench_serve.py [--shape mini] [--sequence-length 128] [--requests 100]
-                                     [--mode sync|async] [--precision fp32|bf16] [--instances N]
+                                     [--mode sync|async] [--precision fp32|bf16]
 Prints `bert batching: on|off|off-padded clients: N ... throughput: X samples/sec latency:
 p50 .. p99 Y ms`, `bert_qa throughput: X questions/sec`, and `dynamic batching speedup at 8
 clients: X.XXx`.
@@ -69,7 +69,7 @@ def start_server(model: Path, args, batching: bool, log: Path, padding_free: boo
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
            "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--precision", args.precision, "--instances", str(args.instances)]
+           "--precision", args.precision]
     if not batching:
         cmd.append("--no-dynamic-batching")
     if not padding_free:
@@ -171,7 +171,6 @@ def main() -> None:
     p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--instances", type=int, default=1, help="model instances per server")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="clients wait for each reply (sync) or keep 4 requests in flight")
     args = p.parse_args()

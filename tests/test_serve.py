@@ -92,15 +92,14 @@ def engine(qa_dir):
                                     max_query_length=16, doc_stride=16, max_batch_size=8))
 
 
-def start_server(qa_dir: Path, log: Path, *extra: str) -> dict:
+def start_server(qa_dir: Path, log: Path) -> dict:
     """`bertforge serve` as a subprocess on free loopback ports, once both models are ready."""
     http, grpc, metrics = free_ports(3)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(qa_dir),
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--max-batch-size", "8", *WINDOW_FLAGS, *extra], stdout=out,
-            stderr=subprocess.STDOUT)
+             "--max-batch-size", "8", *WINDOW_FLAGS], stdout=out, stderr=subprocess.STDOUT)
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
     deadline = time.monotonic() + 90
     try:
@@ -136,9 +135,7 @@ def stop_and_check(server: dict, sig: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(qa_dir, tmp_path_factory):
-    # Two instances per model: every test below then also runs the engine from two threads.
-    running = start_server(qa_dir, tmp_path_factory.mktemp("serve") / "serve.log",
-                           "--instances", "2")
+    running = start_server(qa_dir, tmp_path_factory.mktemp("serve") / "serve.log")
     yield running
     if running["proc"].poll() is None:
         running["proc"].send_signal(signal.SIGTERM)
@@ -165,14 +162,6 @@ def _bert_inputs(module, rows, dtype="INT32"):
 def _qa_inputs(module, questions: list[bytes], contexts: list[bytes]):
     return [_tensor(module, "question", np.array([[q] for q in questions], dtype=object), "BYTES"),
             _tensor(module, "context", np.array([[c] for c in contexts], dtype=object), "BYTES")]
-
-
-def test_two_instances_per_model(server):
-    client = httpclient.InferenceServerClient(server["http"])
-    for model in ("bert", "bert_qa"):
-        groups = client.get_model_config(model)["instance_group"]
-        assert sum(g["count"] for g in groups) == 2, groups
-    client.close()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -130,9 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         dynamic_batching=args.dynamic_batching, padding_free=args.padding_free,
-        instances=args.instances, device=args.device, precision=args.precision,
-        sequence_length=args.sequence_length, doc_stride=args.doc_stride,
-        max_query_length=args.max_query_length))
+        device=args.device, precision=args.precision, sequence_length=args.sequence_length,
+        doc_stride=args.doc_stride, max_query_length=args.max_query_length))
     return 0
 
 
@@ -299,9 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false",
                    help="run the model on the padded rows as sent (the stock path) instead of "
                         "packing the batch's rows and trimming padding")
-    p.add_argument("--instances", type=int, default=1,
-                   help="model instances per model (Triton instance_group count), each in its "
-                        "own thread; on CPU the torch threads are split between them")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--sequence-length", type=int, default=384)

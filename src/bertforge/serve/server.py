@@ -42,7 +42,6 @@ import logging
 import os
 import signal
 import sysconfig
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,6 @@ class ServeConfig:
     max_queue_delay_us: int = 2000
     dynamic_batching: bool = True
     padding_free: bool = True
-    instances: int = 1
     device: str = "cpu"
     precision: str = "fp32"
     sequence_length: int = 384
@@ -113,12 +111,10 @@ class Executions:
 
     requests: dict[str, int] = field(default_factory=dict)
     executions: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # instances run in threads
 
     def add(self, model: str, rows: int) -> None:
-        with self.lock:
-            self.requests[model] = self.requests.get(model, 0) + rows
-            self.executions[model] = self.executions.get(model, 0) + 1
+        self.requests[model] = self.requests.get(model, 0) + rows
+        self.executions[model] = self.executions.get(model, 0) + 1
 
     def line(self) -> str:
         return "; ".join(f"{m} {n:,} rows in {self.executions[m]:,} executions (mean batch "
@@ -161,7 +157,7 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
                if cfg.dynamic_batching else None)
     max_batch = cfg.max_batch_size if cfg.dynamic_batching else 1
     triton.bind(
-        model_name="bert", infer_func=[infer_bert] * cfg.instances,
+        model_name="bert", infer_func=infer_bert,
         inputs=[Tensor(name=n, dtype=np.int32, shape=(seq,))
                 for n in ("input_ids", "attention_mask", "token_type_ids")],
         outputs=[Tensor(name=n, dtype=np.float32, shape=(seq,))
@@ -169,7 +165,7 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
         config=ModelConfig(max_batch_size=max_batch, batcher=batcher,
                            batching=True), strict=True)
     triton.bind(
-        model_name="bert_qa", infer_func=[infer_qa] * cfg.instances,
+        model_name="bert_qa", infer_func=infer_qa,
         inputs=[Tensor(name="question", dtype=np.bytes_, shape=(1,)),
                 Tensor(name="context", dtype=np.bytes_, shape=(1,))],
         outputs=[Tensor(name="answer", dtype=np.bytes_, shape=(1,)),
@@ -181,18 +177,12 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
 
 
 def build_engine(cfg: ServeConfig):
-    import torch
-
     from bertforge.serve.qa import QAEngine, load_qa_checkpoint
     from bertforge.squad.features import WindowSpec
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-    if cfg.instances < 1:
-        raise ValueError(f"--instances {cfg.instances}: give 1 or more")
-    if cfg.device == "cpu":
-        # Each instance runs its forward in its own thread with its own OpenMP team: split the
-        # cores between them instead of oversubscribing (torch's thread count is per process).
-        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.instances))
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     model, tokenizer = load_qa_checkpoint(cfg.checkpoint_input_dir, cfg.device, cfg.precision)
     if cfg.sequence_length > model.config.max_position_embeddings:
         raise ValueError(f"--sequence-length {cfg.sequence_length} exceeds the model's "
