@@ -26,9 +26,14 @@ from bertforge.data.shards import encode_example_batch
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
 
 
-def test_nnlshp_is_99_percent_efficient_on_wikipedia_shape_at_512():
-    histogram = wikipedia_like_histogram(512, n=2_000_000)
+# None: half the sequences at or near 512 (issue 4's description); 2.0: the full-length share
+# lowered to the packing factor the reference assumed for real Wikipedia at 512 (harder).
+@pytest.mark.parametrize("factor", [None, 2.0])
+def test_nnlshp_is_99_percent_efficient_on_wikipedia_shape_at_512(factor):
+    histogram = wikipedia_like_histogram(512, n=2_000_000, packing_factor=factor)
     plan = pack_histogram(histogram, 512, 3, "nnlshp")
+    if factor is not None:
+        assert plan.packing_factor == pytest.approx(factor, rel=0.05), plan.summary()
     assert (plan.histogram() == histogram).all()  # nothing lost or duplicated
     assert all(len(s) <= 3 and sum(s) <= 512 for s in plan.strategies)
     assert plan.efficiency >= 0.99, plan.summary()
