@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ if int(np.__version__.split(".")[0]) >= 2:
                 allow_module_level=True)
 
 from bertforge.serve.bench import BenchConfig, run_bench, synthetic_rows  # noqa: E402
-from conftest import tiny_qa_model  # noqa: E402
+from conftest import alive, descendants, free_ports, tiny_qa_model  # noqa: E402
 from bertforge.serve.server import ServeConfig, build_engine  # noqa: E402
 
 S = 64
@@ -43,42 +42,6 @@ CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave 
            "Francia. The distinct cultural and ethnic identity of the Normans emerged "
            "initially in the first half of the 10th century, and it continued to evolve over "
            "the succeeding centuries.")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (from /proc), so the test can check none outlive the server."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,11 @@
   the same names and dtypes as the served `bert` model, so a client works with either.
 - `--format triton-repo`: `<out>/bert/1/model.onnx` + `<out>/bert/config.pbtxt` for Triton's
   onnxruntime backend, dynamic batching on; `tritonserver --model-repository <out>` in an
-  NGC container loads it with no Python in the serving path.
+  NGC container loads it with no Python in the serving path. Without Docker, the tests load
+  the unchanged repository into the real tritonserver 2.51 that PyTriton bundles, with a
+  Python-based stand-in for the C++ onnxruntime backend (tests/test_serve_triton_repo.py):
+  Triton parses and validates config.pbtxt, batches concurrent requests and answers what
+  PyTorch answers.
 
 Every export is checked: onnxruntime runs the file on a random batch (2 x S tokens with
 padding) and its logits must match PyTorch's within 1e-4 (max abs); the measured difference
