@@ -11,10 +11,11 @@ Tests must treat those directories as read-only.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from bertforge.serve.triton_repo import free_ports  # noqa: F401 - for the server tests
 
 # Set before any bertforge/transformers import: no progress bars in CI logs, and a test
 # that reaches for the Hugging Face hub fails at once instead of hanging on the network.
@@ -69,16 +70,6 @@ def tiny_qa_model(path: Path, seed: int) -> Path:
     transformers.BertForQuestionAnswering(config).save_pretrained(path)
     save_tokenizer_files(path)
     return path
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def descendants(pid: int) -> list[int]:

@@ -1,7 +1,9 @@
-"""The serving engine's padding-free path (rows packed, packs trimmed) against its reference
-path (the stock model on the padded rows): same logits at every real position, PAD_LOGIT at
-padding, whatever the mix of lengths; masks that are not right-padded take the padded path.
-No server here (tests/test_serve.py starts one), so these run without PyTriton."""
+"""The serving engine's padding-free path, in both layouts (flat: all rows in one row under
+variable-length attention; packs: up to 3 rows a packed row under the block-diagonal mask),
+against its reference path (the stock model on the padded rows): same logits at every real
+position, PAD_LOGIT at padding, whatever the mix of lengths; masks that are not right-padded
+take the padded path. No server here (tests/test_serve.py starts one), so these run without
+PyTriton."""
 
 from __future__ import annotations
 
@@ -16,12 +18,22 @@ from conftest import tiny_qa_model
 S = 64
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=["flat", "packs"])
+def engine(request, tmp_path_factory):
     from bertforge.serve.qa import load_qa_checkpoint
     model, tokenizer = load_qa_checkpoint(tiny_qa_model(tmp_path_factory.mktemp("qa") / "m", seed=1))
     return QAEngine(model, tokenizer, WindowSpec(sequence_length=S, max_query_length=16,
-                                                 doc_stride=16))
+                                                 doc_stride=16), layout=request.param)
+
+
+def test_cpu_default_is_the_flat_layout(tmp_path):
+    from bertforge.model.attention import VARLEN
+    from bertforge.serve.qa import load_qa_checkpoint
+    model, _ = load_qa_checkpoint(tiny_qa_model(tmp_path / "m", seed=1))
+    engine = QAEngine(model, None, WindowSpec(sequence_length=S))
+    assert engine.layout == "flat" and model.config._attn_implementation == VARLEN
+    with pytest.raises(ValueError, match="choose flat or packs"):
+        QAEngine(model, None, WindowSpec(sequence_length=S), layout="rows")
 
 
 def _agree(engine, rows, calls: list | None = None):
@@ -43,18 +55,25 @@ def test_padding_free_logits_equal_the_padded_reference(engine, batch):
     _agree(engine, rows)
 
 
-def test_packing_really_happens_and_a_row_does_not_depend_on_its_neighbours(engine, monkeypatch):
+def test_layout_really_happens_and_a_row_does_not_depend_on_its_neighbours(engine, monkeypatch):
     rows = synthetic_rows(12, S, engine.vocab_size, seed=5)
-    short = rows["attention_mask"].sum(1) <= S // 2
-    assert short.sum() >= 2  # some rows can share a pack
-    seen = []
+    lengths = rows["attention_mask"].sum(1)
+    assert (lengths <= S // 2).sum() >= 2  # some rows can share a pack
+    seen, stock = [], []
     forward = engine.packed_model.forward
     monkeypatch.setattr(engine.packed_model, "forward",
                         lambda **kw: seen.append(kw["input_ids"].shape) or forward(**kw))
+    stock_forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward",
+                        lambda **kw: stock.append(kw["input_ids"].shape) or stock_forward(**kw))
     together = _agree(engine, rows)
-    assert len(seen) == 1 and seen[0][0] < 12  # fewer packed rows than requests
+    if engine.layout == "flat":  # one row holding every real token, nothing else
+        assert seen == [(1, int(lengths.sum()))]
+    else:
+        assert len(seen) == 1 and seen[0][0] < 12 and seen[0][1] <= S  # fewer rows than requests
+    stock.clear()
     alone = engine.logits(*(rows[k][:1] for k in ("input_ids", "attention_mask", "token_type_ids")))
-    assert seen[-1] == (1, int(rows["attention_mask"][0].sum()))  # one row: trimmed, not padded
+    assert stock == [(1, int(lengths[0]))] and len(seen) == 1  # one row: trimmed, stock model
     np.testing.assert_allclose(alone[0], together[0][:1], rtol=1e-5, atol=1e-5)
 
 

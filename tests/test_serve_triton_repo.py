@@ -2,26 +2,21 @@
 tritonserver and queried over gRPC: the check a stock Triton container would give, without
 Docker.
 
-The tritonserver binary is the one PyTriton bundles (2.51, python backend only). Its C++
-onnxruntime backend is not on PyPI, so tests/assets/onnxruntime_backend/model.py stands in
-for it as a Python-based backend named `onnxruntime`: Triton picks it for the repository's
-`platform: "onnxruntime_onnx"`, parses and validates config.pbtxt itself (a broken config is
-refused, which the second test checks), runs its dynamic batcher and sends each dynamic
-batch to onnxruntime on the exported model.onnx. What this cannot check is the C++ backend
-itself (its own config auto-completion and ONNX loading).
+The tritonserver binary is the one PyTriton bundles (2.51, python backend only); the C++
+onnxruntime backend, not on PyPI, is replaced by serve/onnxruntime_backend/model.py, a
+Python-based backend named `onnxruntime` (serve/triton_repo.py). Triton picks it for the
+repository's `platform: "onnxruntime_onnx"`, parses and validates config.pbtxt itself (a broken
+config is refused, which the second test checks), runs its dynamic batcher and sends each
+dynamic batch to onnxruntime on the exported model.onnx. What this cannot check is the C++
+backend itself (its own config auto-completion and ONNX loading).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +24,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("pytriton")
 grpcclient = pytest.importorskip("tritonclient.grpc")
-httpclient = pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.http")
 
 if int(np.__version__.split(".")[0]) >= 2:
     pytest.skip("PyTriton 0.7's python backend stub needs numpy<2", allow_module_level=True)
@@ -38,68 +33,11 @@ from bertforge.serve.export import INPUTS, OUTPUTS, export  # noqa: E402
 from bertforge.serve.qa import QAEngine, load_qa_checkpoint  # noqa: E402
 from bertforge.squad.features import WindowSpec  # noqa: E402
 from bertforge.serve.bench import synthetic_rows  # noqa: E402
-from conftest import alive, descendants, free_ports, tiny_qa_model  # noqa: E402
+from bertforge.serve.triton_repo import (backend_directory, start_tritonserver,  # noqa: E402
+                                         wait_ready)
+from conftest import alive, descendants, tiny_qa_model  # noqa: E402
 
 S = 32
-STAND_IN = Path(__file__).parent / "assets" / "onnxruntime_backend" / "model.py"
-
-
-def backend_directory(path: Path) -> Path:
-    """backends/python from PyTriton's distribution (with the stub of this Python) and
-    backends/onnxruntime holding the stand-in. Copies (3 MB), not links: tritonserver refuses
-    a backend library whose real path leaves the backend directory."""
-    import pytriton
-    dist = Path(pytriton.__file__).parent / "tritonserver"
-    python = path / "python"
-    shutil.copytree(dist / "backends" / "python", python,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", python)
-    (path / "onnxruntime").mkdir()
-    shutil.copy(STAND_IN, path / "onnxruntime" / "model.py")
-    return path
-
-
-def start_tritonserver(repository: Path, backends: Path, log: Path):
-    """tritonserver on free loopback ports; (process, grpc url, http url)."""
-    import pytriton
-    from pytriton.utils.distribution import get_libs_path
-    http, grpc, metrics = free_ports(3)
-    env = dict(os.environ)
-    # The stub links libpython (this interpreter's LIBDIR) and finds this environment's
-    # packages through `python` on PATH, as PyTriton arranges it.
-    env["LD_LIBRARY_PATH"] = ":".join(str(p) for p in (
-        sysconfig.get_config_var("LIBDIR"), get_libs_path(), env.get("LD_LIBRARY_PATH")) if p)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(binary), "--model-repository", str(repository),
-             "--backend-directory", str(backends), "--http-address", "127.0.0.1",
-             "--http-port", str(http), "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
-             "--metrics-port", str(metrics), "--allow-metrics", "false", "--exit-timeout-secs", "5"],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    return proc, f"127.0.0.1:{grpc}", f"127.0.0.1:{http}"
-
-
-def wait_ready(proc, http_url: str, log: Path, timeout: float = 90) -> bool:
-    """True once model `bert` is ready; False if tritonserver exits first."""
-    client = httpclient.InferenceServerClient(http_url)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return False
-            try:
-                if client.is_model_ready("bert"):
-                    return True
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(0.3)
-    finally:
-        client.close()
-    proc.kill()
-    raise RuntimeError(f"tritonserver did not become ready:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc) -> None:

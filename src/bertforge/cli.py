@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
-                   help="how long the dynamic batcher waits to fill a batch")
+                   help="how long the dynamic batcher waits to fill a batch; a lone "
+                        "request waits this long too, so 0 suits one client at a time (under "
+                        "load batches still form from the queue)")
     p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                    help="serve one request row at a time (max batch 1), for comparison")
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false",

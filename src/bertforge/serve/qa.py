@@ -8,15 +8,22 @@ context into --sequence-length windows with --doc-stride overlap, and
 exactly as `bertforge squad` does; the only addition here is mapping the best span back to
 character offsets so a client gets where the answer is, not only its text.
 
-Padding-free (`padding_free`, on by default): a batch of right-padded rows is packed, up to 3
-rows per packed row (SPFHP, the pre-training packer, lengths in and packs out) and the packs
-cut to the longest one, then run through the packed-SQuAD encoder (block-diagonal attention,
-positions restarting per row: squad/packed.py) and scattered back to [B, S]. A row's logits
-are those of the stock model on the padded row (tests/test_serve_engine.py, fp32 within
-1e-5); padding positions get PAD_LOGIT instead of values nobody reads. A single row is just
-trimmed to its length. In process (mini BERT 256/4, S 128, rows of S/4..S real tokens, 2
-threads): batch 8 goes from 137 to 213 rows/s, batch 1 from 101 to 126.
-`padded_logits` is the reference path beside it: the stock model on the rows as sent.
+Padding-free (`padding_free`, on by default): the real tokens of a batch of right-padded rows
+run without their padding and scattered back to [B, S]; padding positions get PAD_LOGIT
+instead of values nobody reads. Two layouts (`layout`):
+- "flat" (CPU; CUDA in bf16/fp16): all rows of the batch one after another in a single row,
+  positions restarting per request row, under variable-length attention
+  (model/attention.py: each row attends to itself only, no mask; per-row SDPA on CPU,
+  FlashAttention's varlen kernel on CUDA). No padding slot at all.
+- "packs" (CUDA in fp32, where varlen has no kernel): rows packed up to 3 per packed row
+  (SPFHP, the pre-training packer), packs cut to the longest one, the block-diagonal mask
+  (squad/packed.py); ~83-86% of the slots are real tokens at S 128.
+A single row is only trimmed to its length and run by the stock model. A row's logits are
+those of the stock model on the padded row (tests/test_serve_engine.py, both layouts, fp32
+within 1e-5). In process (mini BERT 256/4, S 128, rows of S/4..S real tokens, 2 threads,
+fp32): batch 8 runs 137 rows/s padded, 209 in packs, 230 flat; batch 1 101 padded, 147
+trimmed. `padded_logits` is the reference path beside them: the stock model on the rows as
+sent.
 
 Cost: one forward pass over all windows of all questions in a request batch (chunked by
 max_batch_size), then ~110 us of post-processing per window (squad/postprocess.py).
@@ -24,6 +31,7 @@ max_batch_size), then ~110 us of post-processing per window (squad/postprocess.p
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 
 from bertforge.data.packing import pack_lengths
+from bertforge.model.attention import VARLEN, implementation
 from bertforge.squad.data import SquadExample
 from bertforge.squad.features import WindowSpec, build_windows, pad_windows
 from bertforge.squad.packed import PackedQuestionAnswering
@@ -43,6 +52,15 @@ PAD_LOGIT = -10000.0
 # Request rows per packed row on the padding-free path (as packed SQuAD's windows).
 MAX_ROWS_PER_PACK = 3
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_layout(device: torch.device, dtype: torch.dtype) -> str:
+    """"flat" wherever variable-length attention runs (CPU: per-row SDPA; CUDA: FlashAttention
+    in bf16/fp16), else "packs" (CUDA fp32)."""
+    if device.type == "cpu":
+        return "flat"
+    has_kernel = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return "flat" if has_kernel and dtype in (torch.bfloat16, torch.float16) else "packs"
 
 
 @dataclass
@@ -83,16 +101,26 @@ class QAEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: WindowSpec, *,
                  max_batch_size: int = 32, n_best_size: int = 20, max_answer_length: int = 30,
-                 padding_free: bool = True):
+                 padding_free: bool = True, layout: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_batch_size = max_batch_size
         self.n_best_size = n_best_size
         self.max_answer_length = max_answer_length
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device = param.device
         self.vocab_size = model.config.vocab_size
         self.padding_free = padding_free
+        self.layout = layout or default_layout(self.device, param.dtype)
+        if self.layout not in ("flat", "packs"):
+            raise ValueError(f"layout {self.layout!r}: choose flat or packs")
+        if self.layout == "flat":
+            # The stock forward (padded_logits, single rows) gets no segments and takes SDPA
+            # with its mask inside the same attention function: it is unchanged.
+            model.config._attn_implementation = implementation("varlen")
+        elif model.config._attn_implementation == VARLEN:
+            model.config._attn_implementation = "sdpa"
         self.packed_model = PackedQuestionAnswering(model).eval()
 
     def check_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -143,18 +171,28 @@ class QAEngine:
     @torch.no_grad()
     def packed_logits(self, input_ids: np.ndarray, token_type_ids: np.ndarray,
                       lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The padding-free path for right-padded rows of real `lengths`: rows packed up to
-        MAX_ROWS_PER_PACK per pack (SPFHP, the pre-training packer), packs cut to the longest
-        one, the encoder under the block-diagonal mask (squad/packed.py), logits scattered
-        back to [B, S] with PAD_LOGIT at padding. A single row is only trimmed to its length."""
+        """The padding-free path for right-padded rows of real `lengths`: the rows laid out
+        by `self.layout` (module docstring), run, and scattered back to [B, S] with PAD_LOGIT
+        at padding. A single row is only trimmed to its length."""
         batch, seq_len = input_ids.shape
         start = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
         end = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
         real = np.nonzero(lengths)[0]
+        if len(real) == 1:
+            i, n = int(real[0]), int(lengths[real[0]])
+            row = {k: torch.from_numpy(v[i:i + 1, :n].astype(np.int64)).to(self.device)
+                   for k, v in (("input_ids", input_ids), ("token_type_ids", token_type_ids))}
+            out = self.model(**row)
+            start[i, :n], end[i, :n] = (t.float().cpu().numpy()[0]
+                                        for t in (out.start_logits, out.end_logits))
+            return start, end
         if not len(real):
             return start, end
-        packs = [[int(real[k]) for k in pack]
-                 for pack in pack_lengths(lengths[real], seq_len, MAX_ROWS_PER_PACK, "spfhp")]
+        if self.layout == "flat":
+            packs = [[int(i) for i in real]]
+        else:
+            packs = [[int(real[k]) for k in pack] for pack in
+                     pack_lengths(lengths[real], seq_len, MAX_ROWS_PER_PACK, "spfhp")]
         width = max(int(lengths[pack].sum()) for pack in packs)
         packed = {k: np.zeros((len(packs), width), dtype=np.int64)
                   for k in ("input_ids", "sequence_ids", "segment_ids", "position_ids")}
