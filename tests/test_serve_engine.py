@@ -26,9 +26,14 @@ def engine(request, tmp_path_factory):
                                                  doc_stride=16), layout=request.param)
 
 
-def test_cpu_default_is_the_flat_layout(tmp_path):
+def test_default_layout_is_flat_in_cpu_fp32_and_where_varlen_has_a_kernel(tmp_path):
+    import torch
+
     from bertforge.model.attention import VARLEN
-    from bertforge.serve.qa import load_qa_checkpoint
+    from bertforge.serve.qa import default_layout, load_qa_checkpoint
+    assert default_layout(torch.device("cpu"), torch.bfloat16) == "packs"
+    assert default_layout(torch.device("cuda"), torch.float32) == "packs"
+    assert default_layout(torch.device("cuda"), torch.bfloat16) == "flat"  # torch 2.13 has it
     model, _ = load_qa_checkpoint(tiny_qa_model(tmp_path / "m", seed=1))
     engine = QAEngine(model, None, WindowSpec(sequence_length=S))
     assert engine.layout == "flat" and model.config._attn_implementation == VARLEN

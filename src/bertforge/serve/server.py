@@ -4,8 +4,8 @@
   FP32 [-1, S]; Triton's dynamic batcher merges concurrent requests (up to --max-batch-size
   rows, waiting at most --max-queue-delay-us), the reference's model "bert" with S = 384.
   Logits at padding positions (attention_mask 0) are PAD_LOGIT (-10000): right-padded rows
-  are run padding-free (serve/qa.py: the batch's rows packed, packs trimmed), which never
-  computes them; `--no-padding-free` runs the rows as sent, with the same outputs.
+  are run padding-free (serve/qa.py: only their real tokens, under variable-length
+  attention), which never computes them; `--no-padding-free` runs the rows as sent, with the same outputs.
 - `bert_qa`: question, context BYTES [-1, 1] (UTF-8) -> answer BYTES, score FP32, start/end
   INT32 (character offsets into the context); long contexts are windowed and answers
   post-processed by the SQuAD code (serve/qa.py).
@@ -16,7 +16,9 @@ empty contexts raise in the model function, which Triton turns into an error res
 the server keeps serving. With dynamic batching that error goes to every request of the
 batch the bad one was merged into: PyTriton 0.7 answers a failed execution with one error for
 all of its requests (proxy/model.py, BatchResponsesHandler), so a client that sent a good
-request in that batch must resend it; the error text says so and names the bad row.
+request in that batch must resend it; the error text says so and names the bad row. Triton's
+own C++ backends answer a failed batched run the same way (backend_common.h's
+RESPOND_ALL_AND_SET_NULL_IF_ERROR: one error to every request of the batch).
 Health/readiness are Triton's own (/v2/health/ready, /v2/models/bert/ready, gRPC ServerReady). SIGINT and SIGTERM stop the
 server and its tritonserver child, with in-flight requests given --exit-timeout seconds.
 
@@ -26,10 +28,11 @@ one extra hop (python backend stub -> this process over shared memory and zmq): 
 (hidden 64, S 64) answers one gRPC client in 6.2 ms p50 here. For a container deployment
 `bertforge export --format triton-repo` writes an onnxruntime-backend repository instead.
 Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box (server,
-stubs and clients on the same cores) it gives mini BERT (256/4) at S 128 with 8 sync gRPC
-clients 1.67x the batch-1 throughput, 1.98x that of stock padded batch-1 serving
-(benchmarks/bench_serve.py; docs/benchmarks.md). The server prints each model's mean batch
-when it stops.
+stubs and clients on the same cores) its gain at 8 clients over batch-1 serving is bounded by
+how much faster this CPU runs 8 rows than 1 (benchmarks/bench_serve.py; docs/benchmarks.md has
+the numbers, sync and async, fp32 and bf16, and Triton + ONNX Runtime beside it). A lone
+request waits --max-queue-delay-us for company: 0 suits one client at a time. The server
+prints each model's mean batch when it stops.
 
 Requirement seen here: PyTriton 0.7's python backend stub needs numpy<2 (with numpy 2 every
 output tensor arrives empty), and it links libpython, so LD_LIBRARY_PATH must hold the
