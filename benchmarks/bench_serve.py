@@ -12,10 +12,10 @@ and against each runs the serve-bench client (gRPC, --mode sync|async, 1/4/8 cli
 reply checked against the model run in process on the padded rows). The servers are up
 together and take turns: for each client count, --rounds rounds of on, off, off-padded (and
 ort-*), so drift on a shared machine hits all of them alike; the ratios are per round and
-their median is reported (an idle server takes 0.4% of a core). Then `bert_qa` questions/s with 4 clients
-on the first server (each question a SQuAD-sized context of ~150 words, answers checked
-against the in-process engine). Rows are synthetic: real lengths uniform in S/4..S, padded to
-S. Each server prints its mean batch when it stops.
+their median is reported (an idle server takes 0.4% of a core). Then `bert_qa` questions/s
+with 4 clients on the first server (each question a SQuAD-sized context of ~150 words,
+answers checked against the in-process engine). Rows are synthetic: real lengths uniform in
+S/4..S, padded to S. Each server prints its mean batch when it stops.
 Floor (issue 6): with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on
 CPU; `on` vs `off` is that ratio with everything else equal, `on` vs `off-padded` adds what
 the padding-free engine gives over stock batch-1 serving. Results: docs/benchmarks.md.
@@ -218,7 +218,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100,
                    help="per client, setting and round")
     p.add_argument("--rounds", type=int, default=3,
-                   help="turns of the three servers per client count (ratios: median)")
+                   help="turns of the servers per client count (ratios: median)")
     p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")

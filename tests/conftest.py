@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from bertforge.serve.triton_repo import free_ports  # noqa: F401 - for the server tests
-
 # Set before any bertforge/transformers import: no progress bars in CI logs, and a test
 # that reaches for the Hugging Face hub fails at once instead of hanging on the network.
 os.environ["BERTFORGE_NO_PROGRESS"] = "1"

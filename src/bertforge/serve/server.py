@@ -4,8 +4,8 @@
   FP32 [-1, S]; Triton's dynamic batcher merges concurrent requests (up to --max-batch-size
   rows, waiting at most --max-queue-delay-us), the reference's model "bert" with S = 384.
   Logits at padding positions (attention_mask 0) are PAD_LOGIT (-10000): right-padded rows
-  are run padding-free (serve/qa.py: only their real tokens, under variable-length
-  attention), which never computes them; `--no-padding-free` runs the rows as sent, with the same outputs.
+  are run padding-free (serve/qa.py: only their real tokens run), which never computes
+  them; `--no-padding-free` runs the rows as sent, with the same outputs.
 - `bert_qa`: question, context BYTES [-1, 1] (UTF-8) -> answer BYTES, score FP32, start/end
   INT32 (character offsets into the context); long contexts are windowed and answers
   post-processed by the SQuAD code (serve/qa.py).
