@@ -75,16 +75,22 @@ def bench_pack(args) -> None:
 
 
 def _same_sequences(files, count, batch_size, max_per_pack):
-    """`count` sampled unpacked records as unpacked batches and as packed batches: the two
-    variants then train on exactly the same sequences and real tokens."""
+    """`count` sampled unpacked records of `files`, as `same_sequences` returns them."""
     from bertforge.data.loader import PretrainingDataset
+    records = next(iter(PretrainingDataset(files, count, shuffle=True, seed=0)))
+    return same_sequences(records, batch_size, max_per_pack)
+
+
+def same_sequences(records: dict[str, torch.Tensor], batch_size: int, max_per_pack: int,
+                   algorithm: str = "nnlshp"):
+    """(unpacked batches, packed batches, sequences per packed row) of one batch of unpacked
+    `records`: the two variants then train on exactly the same sequences and real tokens."""
     from bertforge.data.packed import layout_packs, packed_mask_slots
     from bertforge.data.packing import pack_lengths
-    records = next(iter(PretrainingDataset(files, count, shuffle=True, seed=0)))
     arrays = {k: v.numpy() for k, v in records.items()}
+    count, s = arrays["input_ids"].shape
     arrays["next_sentence_labels"] = arrays["next_sentence_labels"].reshape(count, 1)
-    s = arrays["input_ids"].shape[1]
-    packs = pack_lengths(arrays["input_mask"].sum(1), s, max_per_pack, "nnlshp", seed=0)
+    packs = pack_lengths(arrays["input_mask"].sum(1), s, max_per_pack, algorithm, seed=0)
     table = np.full((len(packs), max_per_pack), -1, np.int64)
     for row, members in enumerate(packs):
         table[row, :len(members)] = members

@@ -47,21 +47,29 @@ class AdamWSection:
     optimizer, learning_rate, weight_decay, beta1, beta2, eps = "AdamW", 1e-4, 0.01, 0.9, 0.999, 1e-6
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7, device: str = "cpu") -> float:
     """FLOP/s of the fastest of `reps` n^3 GEMMs: the best, not the mean, so that a neighbour's
-    load during the measurement does not deflate the peak (and inflate every MFU)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    load during the measurement does not deflate the peak (and inflate every MFU). On CUDA each
+    product is timed to its end (synchronize), not to its launch."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
 def model_flops_per_sequence(cfg: transformers.BertConfig, seq: int, masked: float) -> float:
-    """Useful training FLOPs per sequence (forward x 3)."""
+    """Useful training FLOPs per sequence (forward x 3). `seq` and `masked` may be numpy arrays
+    (one value per sequence: real length, labelled slots); the result is then per sequence too.
+    Every layer counts at every token, as in the stock model (tests/test_gpu_check.py checks it
+    against torch's FLOP counter); bertforge runs the last layer at [CLS] and the masked slots
+    only, so it does fewer than counted here: ~6% fewer at BERT-base, S 128, ~3% at BERT-large."""
     h, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
     per_token_layer = 2 * (4 * h * h + 2 * h * inter) + 2 * 2 * seq * h  # projections + attention
     encoder = seq * layers * per_token_layer
@@ -116,18 +124,22 @@ def baseline_step_fn(cfg):
     return step
 
 
-def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool = False, attn: str = "sdpa"):
+def bertforge_step_fn(cfg, *, bf16: bool, compile_model: bool = False, attn: str = "sdpa",
+                      device: str = "cpu"):
+    device = torch.device(device)
     torch.manual_seed(0)
-    model = build_pretraining_model(cfg, attn_implementation=attn).train()
+    model = build_pretraining_model(cfg, attn_implementation=attn).to(device).train()
     opt = build_optimizer(model, AdamWSection)
     forward = torch.compile(model) if compile_model else model
 
     def step(b):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = forward(b)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":  # a step's wall time is then its GPU work, not its launch
+            torch.cuda.synchronize()
     return step
 
 

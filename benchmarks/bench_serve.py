@@ -2,7 +2,8 @@
 (issue 6, item 6), in one run on the same model and requests.
 
 Starts `bertforge serve` three times on free loopback ports, on a random-init QA BERT of
---shape (mini: hidden 256, 4 layers; tiny: 64, 2) at S = --sequence-length:
+--shape (mini: hidden 256, 4 layers; tiny: 64, 2; base: 768, 12) at S = --sequence-length,
+on --device (cpu, or cuda: benchmarks/gpu_check.py runs it so where PyTriton is installed):
   on          dynamic batching (max batch 32, --max-queue-delay-us), padding-free engine;
   off         one row per execution, the same padding-free engine (a row trimmed to its length);
   off-padded  one row per execution on the padded row as sent (--no-padding-free: stock);
@@ -22,7 +23,7 @@ the padding-free engine gives over stock batch-1 serving. Results: docs/benchmar
 
     python benchmarks/bench_serve.py [--shape mini] [--sequence-length 128] [--requests 100]
                                      [--rounds 3] [--mode sync|async] [--precision fp32|bf16]
-                                     [--onnxruntime]
+                                     [--onnxruntime] [--device cpu|cuda]
 Prints `bert batching: on|off|off-padded clients: N ... throughput: X samples/sec latency:
 p50 .. p99 Y ms` (all rounds together), the per-round ratios, `bert_qa throughput: X
 questions/sec`, and `dynamic batching speedup at 8 clients: X.XXx` (median of the rounds).
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {"tiny": (64, 2, 2), "mini": (256, 4, 4)}
+SHAPES = {"tiny": (64, 2, 2), "mini": (256, 4, 4), "base": (768, 12, 12)}
 WORDS = ("the river city north king army built church first century people town war "
          "empire bridge road castle south west east island harbour market council").split()
 
@@ -71,7 +72,7 @@ def start_server(model: Path, args, batching: bool, log: Path, padding_free: boo
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
            "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--precision", args.precision]
+           "--precision", args.precision, "--device", args.device]
     if not batching:
         cmd.append("--no-dynamic-batching")
     if not padding_free:
@@ -135,7 +136,7 @@ def bench_bert(model, urls: dict[str, str], args) -> dict[str, dict[int, list[fl
     from bertforge.serve.qa import load_qa_checkpoint
     # bf16 logits move by ~1e-2 with the batch a row lands in: compare at that tolerance.
     tolerance = 1e-4 if args.precision == "fp32" else 5e-2
-    qa_model, _ = load_qa_checkpoint(model, precision=args.precision)
+    qa_model, _ = load_qa_checkpoint(model, device=args.device, precision=args.precision)
     pool = 64
     rows = synthetic_rows(pool, args.sequence_length, qa_model.config.vocab_size)
     payloads = [{k: v[i:i + 1] for k, v in rows.items()} for i in range(pool)]
@@ -171,6 +172,7 @@ def bench_qa(model, url, args) -> None:
 
     from bertforge.serve.server import ServeConfig, build_engine
     engine = build_engine(ServeConfig(checkpoint_input_dir=model, precision=args.precision,
+                                      device=args.device,
                                       sequence_length=args.sequence_length,
                                       max_query_length=32, doc_stride=32))
     rng = np.random.default_rng(0)
@@ -222,6 +224,8 @@ def main() -> None:
     p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the servers (and the in-process reference) run the model")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="clients wait for each reply (sync) or keep 4 requests in flight")
     p.add_argument("--onnxruntime", action="store_true",

@@ -287,6 +287,10 @@ def test_indivisible_and_conflicting_batches_are_errors():
     ({"precision": "bf16", "loss_scaling": 128}, "only applies to --precision fp16"),
     ({"resume_training_from_checkpoint": True}, "--checkpoint-input-dir"),
     ({"eval_every": 10}, "--eval-files"),
+    ({"target_mlm_accuracy": 0.3}, "--eval-files and --eval-every"),
+    ({"target_mlm_accuracy": 0.3, "eval_files": ["h/*.tfrecord"]}, "--eval-every N"),
+    ({"target_mlm_accuracy": 1.5, "eval_files": ["h/*"], "eval_every": 5}, "must be > 0 and < 1"),
+    ({"mlm_bias_init": "prior"}, "unigram"),
     ({"learning_rate": 0}, r"learning_rate \(--learning-rate\) must be > 0"),
     ({"lr_warmup": 1.5}, "must be >= 0 and < 1"),
 ])

@@ -1,4 +1,5 @@
-"""demo_tiny_128 learns: the reference's check on a ~45-record real sample (issue 3, item 9).
+"""Training learns: memorising a small real sample (the reference's check, issue 3, item 9), and
+learning from context on held-out text within a few hundred steps, every seed (issue 11).
 
 The reference trained demo_tiny_128 on ~45 records for 360 steps and asked for a falling
 loss and a mean mlm_acc over the last 10 steps above 0.85 (memorising a small sample is
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bertforge.config import load_config
 from bertforge.data.instances import InstanceConfig, tokenize
 from bertforge.data.vocab import load_tokenizer
+from bertforge.demo import DEMO_PRESET, most_frequent_token_accuracy, prepare_sample_shards
 from bertforge.train.loop import pretrain
 
 
@@ -49,3 +53,30 @@ def test_demo_tiny_128_memorises_a_small_sample(preprocessed_sample, tmp_path):
     first, last = result.history[:10], result.history[-10:]
     assert sum(h["loss"] for h in last) < 0.5 * sum(h["loss"] for h in first)
     assert result.last_mean("mlm_acc") > 0.85, result.last_mean("mlm_acc")
+
+
+@pytest.mark.parametrize("seed", [5, 1])
+def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki_sample):
+    """The demo's recipe on the real sample: held-out MLM accuracy at least twice what
+    predicting the most frequent token scores, within 300 steps, for the presets' seed 5 and
+    another. Before issue 11's fix (MLM bias started at zero) seed 5 sat at exactly that
+    baseline (0.048 after 300 steps; measured with these shards: 0.111-0.114 for seeds 1, 2, 5
+    with the fix, docs/benchmarks.md "Learning parity"). It also checks --target-mlm-accuracy:
+    the run stops at the first evaluation at or above the target, with the checkpoint there.
+    About 40-60 s per seed on 2 idle cores."""
+    data = prepare_sample_shards(tmp_path / "data", log=lambda line: None)
+    baseline, _ = most_frequent_token_accuracy(data.heldout_files)
+    assert 0.03 < baseline < 0.07, baseline
+    target = 2 * baseline
+    cfg = load_config(DEMO_PRESET, {
+        "input_files": [str(f) for f in data.train_files],
+        "eval_files": [str(f) for f in data.heldout_files], "tokenizer": str(data.vocab_file),
+        "training_steps": 300, "eval_every": 50, "target_mlm_accuracy": target,
+        "random_seed": seed, "checkpoint_output_dir": str(tmp_path / "run"),
+        "dataloader_workers": 0, "disable_progress_bar": True, "device": "cpu"})
+    result = pretrain(cfg)
+    reached = result.target_reached
+    assert reached is not None, f"held-out mlm_acc {result.eval['mlm_acc']:.4f} < {target:.4f}"
+    assert reached["mlm_acc"] >= target and reached["step"] % 50 == 0
+    assert result.final_checkpoint == tmp_path / "run" / f"step_{reached['step']}"
+    assert len(result.history) == reached["step"] <= 300

@@ -166,3 +166,16 @@ def test_file_errors_are_clear(shards, tmp_path):
     assert by_glob.files == by_dir.files == sorted(shards)
     with pytest.raises(ValueError, match="cannot feed 41 ranks"):
         PretrainingDataset(shards, 2, rank=0, world_size=41)
+
+
+def test_masked_label_counts_count_the_labelled_slots(shards, tmp_path):
+    from bertforge.data.loader import masked_label_counts
+    # record i has MASKS labels of id i with weight i / 2: record 0's weight-0 slots are padding
+    counts = masked_label_counts(shards, vocab_size=64)
+    expected = np.zeros(64, np.int64)
+    expected[1:40] = MASKS
+    assert np.array_equal(counts, expected)
+    first = masked_label_counts(shards, vocab_size=64, max_records=20)  # file order, 20 records
+    assert first.sum() == 19 * MASKS and first[20:].sum() == 0
+    with pytest.raises(ValueError, match=r"part-00.tfrecord.*label id 39 is outside.*vocab_size 30"):
+        masked_label_counts(shards, vocab_size=30)

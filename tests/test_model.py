@@ -309,3 +309,18 @@ def test_sparse_last_layer_equals_the_full_encoder(attn, monkeypatch):
     assert fast_grads.keys() == full_grads.keys()
     for name, grad in fast_grads.items():
         torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mlm_bias_starts_at_the_unigram_prior():
+    from bertforge.model.bert import init_mlm_bias
+    model = build_pretraining_model(tiny_config(vocab_size=50))
+    counts = torch.zeros(50, dtype=torch.long)
+    counts[7], counts[3] = 97, 1
+    init_mlm_bias(model, counts)
+    # add-one smoothing: 98 / 148, 2 / 148, 1 / 148 for the other 48 ids
+    probs = torch.softmax(model.cls.predictions.bias.double(), 0)
+    assert probs[7].item() == pytest.approx(98 / 148) and probs[3].item() == pytest.approx(2 / 148)
+    assert probs[0].item() == pytest.approx(1 / 148)
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias  # one tied tensor
+    with pytest.raises(ValueError, match="label counts of 49 tokens for a vocab of 50"):
+        init_mlm_bias(model, counts[:49])

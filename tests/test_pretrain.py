@@ -181,6 +181,33 @@ def test_held_out_evaluation_counts_every_record(shards, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_clock_in_metrics_and_step_line_and_an_unreached_target(shards, tmp_path, capsys):
+    """Every train and eval record carries wall_s / train_s / samples; the step line ends with
+    the wall time; a --target-mlm-accuracy that is not reached runs every step and says so."""
+    eval_glob = write_random_shards(tmp_path / "heldout", num_shards=1, records_per_shard=10)
+    result = pretrain(tiny_config(shards, tmp_path / "run", training_steps=3, eval_files=[eval_glob],
+                                  eval_every=1, target_mlm_accuracy=0.99))
+    assert result.target_reached is None and result.steps == 3
+    out = capsys.readouterr().out
+    assert "target mlm_acc 0.99 not reached in 3 steps" in out
+    assert " - wall: " in out.splitlines()[0]
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["samples"] for l in lines if l["split"] == "train"] == [8.0, 16.0, 24.0]
+    walls = [l["wall_s"] for l in lines]
+    assert walls == sorted(walls) and all(l["train_s"] <= l["wall_s"] for l in lines)
+
+
+def test_mlm_bias_starts_at_the_data_prior_unless_zero(shards, tmp_path):
+    from bertforge.data.loader import masked_label_counts
+    counts = torch.as_tensor(masked_label_counts([shards], VOCAB), dtype=torch.float64)
+    for mode in ("unigram", "zero"):
+        pretrain(tiny_config(shards, tmp_path / mode, training_steps=1, mlm_bias_init=mode))
+        bias = load_file(tmp_path / mode / "step_0" / "model.safetensors")["cls.predictions.bias"]
+        expected = ((counts + 1) / (counts + 1).sum()).log().float() if mode == "unigram" \
+            else torch.zeros(VOCAB)
+        assert torch.allclose(bias, expected), mode
+
+
 def test_synthetic_and_generated_data_need_no_files(tmp_path):
     for name, flag in (("synthetic", {"synthetic_data": True}), ("generated", {"dataset": "generated"})):
         result = pretrain(tiny_config("", tmp_path / name, input_files=[], training_steps=2, **flag))

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded Wikipedia sample")
     p.add_argument("--output-dir", type=Path, default=Path("demo-output"))
-    p.add_argument("--training-steps", type=int, default=1000)
+    p.add_argument("--training-steps", type=int, default=None,
+                   help="optimizer steps (default: the demo_sample_128 preset's)")
     _add_workers_flag(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -204,6 +204,10 @@ class ModelSection(Section):
     attention_probs_dropout_prob: float = opt(0.0, "dropout on attention probabilities "
                                               "(0 for pre-training, as the reference)", ge=0, lt=1)
     initializer_range: float = opt(0.02, "std of the truncated-normal weight init", gt=0)
+    mlm_bias_init: Literal["unigram", "zero"] = opt(
+        "unigram", "initial MLM decoder bias of a new model: the log frequency of the masked "
+        "tokens in --input-files (starts at the unigram solution, so training learns context "
+        "from step 0), or zero as TF/HF BERT")
     activation_checkpointing: bool = opt(False, "recompute each layer's activations in the "
                                          "backward pass (the reference's "
                                          "recompute_checkpoint_every_layer): ~1/3 more compute "
@@ -257,6 +261,10 @@ class DataSection(Section):
     eval_files: list[str] = opt([], "held-out TFRecord files or globs for evaluation",
                                 metavar="GLOB")
     eval_every: int = opt(0, "evaluate on --eval-files every N steps (0: only at the end)", ge=0)
+    target_mlm_accuracy: float | None = opt(
+        None, "stop when the held-out MLM accuracy (checked every --eval-every steps) reaches "
+        "this fraction, and report the time and samples it took (MLPerf's time to train)",
+        gt=0, lt=1)
     packed_data: bool = opt(False, "the input files are packed (`bertforge pack`): several "
                             "sequences per row; global batch counted in sequences")
     tokenizer: str | None = opt(None, "vocab.txt or Hugging Face tokenizer the shards were made "
@@ -270,6 +278,9 @@ class DataSection(Section):
                       f"= {self.sequence_length - 3} ([CLS] and two [SEP] are never masked)")
         if self.eval_every and not self.eval_files:
             self.fail("eval_every", "needs held-out records: give --eval-files")
+        if self.target_mlm_accuracy is not None and not (self.eval_files and self.eval_every):
+            self.fail("target_mlm_accuracy", "needs held-out records checked during training: "
+                      "give --eval-files and --eval-every N")
 
 
 @dataclass

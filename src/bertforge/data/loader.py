@@ -180,3 +180,41 @@ def make_dataloader(dataset: PretrainingDataset, num_workers: int) -> DataLoader
         options = {"persistent_workers": True, "prefetch_factor": 4}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), **options)
+
+
+def masked_label_counts(files: Sequence[str | Path], vocab_size: int,
+                        max_records: int = 16384) -> np.ndarray:
+    """[vocab_size] int64: how often each token id is a masked-LM label in the first
+    `max_records` records of `files` (file order, packed or unpacked records).
+
+    The unigram prior the MLM decoder bias starts from (model/bert.py: init_mlm_bias).
+    `bertforge tokenize` shuffles records globally, so the first records are a fair sample;
+    16k records x 20 labels is ~330k tokens, enough for the frequencies that matter (the
+    head of the distribution). Cost: reading and decoding them, ~0.5 s on one core.
+    A label outside the vocabulary means the shards were made with another vocab: refused
+    here, before any training, with the file named.
+    """
+    dataset = PretrainingDataset(files, batch_size=1024, shuffle=False, infinite=False)
+    counts = np.zeros(vocab_size, np.int64)
+    seen = 0
+    for batch in dataset:
+        labels = batch.get("masked_lm_ids", batch.get("packed_masked_lm_ids"))
+        if labels is None:
+            raise ValueError(f"{dataset.files[0]}: records lack masked_lm_ids; these are not "
+                             "pre-training records (bertforge tokenize / pack writes them)")
+        labels = labels[:max_records - seen].numpy()
+        real = labels != 0  # label 0 ([PAD]) marks an unused slot, as in the loss
+        if "masked_lm_weights" in batch:
+            real &= batch["masked_lm_weights"][:len(labels)].numpy() > 0
+        labels = labels[real]
+        if labels.size and (labels.min() < 0 or labels.max() >= vocab_size):
+            bad = int(labels.max() if labels.max() >= vocab_size else labels.min())
+            raise ValueError(f"{', '.join(map(str, dataset.files))}: masked-LM label id {bad} is "
+                             f"outside the model's vocabulary (vocab_size {vocab_size}); the "
+                             "shards were made with another vocab: give --vocab-size (and "
+                             "--tokenizer) of the vocab the shards were tokenized with")
+        counts += np.bincount(labels, minlength=vocab_size)
+        seen += len(real)
+        if seen >= max_records:
+            break
+    return counts

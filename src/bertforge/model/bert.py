@@ -449,6 +449,32 @@ def init_pretraining_weights(model: torch.nn.Module, std: float) -> None:
             module.weight[module.padding_idx].zero_()
 
 
+@torch.no_grad()
+def init_mlm_bias(model: transformers.BertForPreTraining, label_counts) -> None:
+    """Start the MLM decoder bias at the log unigram prior of the masked tokens (add-one
+    smoothed counts from data/loader.py: masked_label_counts), not at zero.
+
+    Why (issue 11, measured in docs/benchmarks.md "Learning parity"): with a zero bias the
+    first thing MLM learns is token frequencies, and with AdamW a bias entry moves at most ~lr
+    per step, so ~9 nats of log-frequency range take thousands of steps through the bias. The
+    faster route is the decoder weight, which BERT ties to the input word embeddings: the
+    frequencies get written into the embeddings every layer reads, and the model sits at the
+    unigram plateau (held-out accuracy = the most frequent token's share) for hundreds to
+    thousands of steps, or the whole run, depending on the seed. Starting at the prior (the
+    "init the output bias to the prior" rule for imbalanced classes) gives the loss the
+    plateau's value at step 0, so every gradient goes to context. The price: one pass over
+    ~16k records before training (~0.5 s) and a bias that is data-dependent at step 0 (saved
+    in every checkpoint like any other weight; `--mlm-bias-init zero` restores TF/HF BERT's).
+    """
+    counts = torch.as_tensor(label_counts, dtype=torch.float64)
+    if counts.shape != model.cls.predictions.bias.shape:
+        raise ValueError(f"label counts of {counts.numel()} tokens for a vocab of "
+                         f"{model.cls.predictions.bias.numel()}")
+    prior = (counts + 1) / (counts + 1).sum()
+    # cls.predictions.bias is the decoder's bias too (tied): one copy sets both.
+    model.cls.predictions.bias.copy_(prior.log().to(model.cls.predictions.bias.dtype))
+
+
 def build_pretraining_model(config: transformers.BertConfig, *, activation_checkpointing: bool = False,
                             attn_implementation: str = "sdpa") -> GatheredBertForPreTraining:
     """A freshly initialised pre-training model for `config` (layer_norm_eps, dropouts and

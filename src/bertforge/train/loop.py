@@ -53,6 +53,8 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics
     eval: dict[str, float] | None = None
+    # --target-mlm-accuracy: {step, samples, wall_s, train_s, mlm_acc} where it was reached
+    target_reached: dict[str, float] | None = None
 
     def last_mean(self, key: str, n: int = 10) -> float:
         values = [h[key] for h in self.history[-n:]]
@@ -86,6 +88,7 @@ class Trainer:
             model = build_pretraining_model(cfg.model.to_bert_config(),
                                             activation_checkpointing=cfg.model.activation_checkpointing,
                                             attn_implementation=cfg.model.attn_implementation)
+            init_mlm_prior(model, cfg)
         if cfg.model.attn_implementation == "varlen":
             check_varlen(ctx.device, t.precision, model.config.attention_probs_dropout_prob)
         self.source = source
@@ -249,9 +252,14 @@ class Trainer:
         if self.state is not None:
             ckpt.set_rng_state(self.state["rng"])  # after building everything that draws
         result = TrainResult(run_dir=self.run_dir, final_checkpoint=None, steps=t.training_steps)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(self.state["metrics"]) if self.state else {}
         if self.start_step == 0:
             self.save(0, consumed, metrics)
+        # Wall clock since the run began (evaluations and checkpoints included, as MLPerf counts
+        # time to train) and time in training steps alone; a resumed run continues both.
+        clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
+                       metrics.get("samples", 0.0))
+        target = cfg.data.target_mlm_accuracy
         from bertforge.data.stage import progress
         bar = progress(range(self.start_step, t.training_steps), total=t.training_steps,
                        desc="pretrain", unit="step", disable=t.disable_progress_bar or not ctx.is_main)
@@ -265,6 +273,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             metrics["samples_per_s"] = metrics["sequences"] / elapsed
             metrics["real_tokens_per_s"] = metrics["real_tokens"] / elapsed
+            metrics.update(clock.step(elapsed, metrics["sequences"]))
             result.history.append(metrics)
             if ctx.is_main:
                 logger.log(step, metrics)
@@ -279,17 +288,78 @@ class Trainer:
             if every and done % every == 0 and done < t.training_steps:
                 self.save(done, consumed, metrics)
             if cfg.data.eval_every and done % cfg.data.eval_every == 0 and done < t.training_steps:
-                ev = self.evaluate()
-                if ctx.is_main and ev is not None:
-                    logger.log(done, ev, prefix="eval")
-                    log.info("eval at step %d: %s", done, ev)
-        result.final_checkpoint = self.save(t.training_steps, consumed, metrics)
-        result.eval = self.evaluate()
+                ev = self._evaluate_and_log(done, clock, logger)
+                if target is not None and ev["mlm_acc"] >= target:
+                    result.target_reached = self._report_target(done, ev, target)
+                    break
+        last = done if self.start_step < t.training_steps else t.training_steps
+        result.steps = last
+        result.final_checkpoint = self.save(last, consumed, metrics)
+        result.eval = self._evaluate_and_log(last, clock, logger) if result.target_reached is None \
+            else result.target_reached["eval"]
+        if result.eval is not None and target is not None and result.target_reached is None:
+            if result.eval["mlm_acc"] >= target:
+                result.target_reached = self._report_target(last, result.eval, target)
+            elif ctx.is_main:
+                print(f"target mlm_acc {target} not reached in {last} steps: held-out mlm_acc "
+                      f"{result.eval['mlm_acc']:.4f}", flush=True)
         if ctx.is_main:
-            if result.eval is not None:
-                logger.log(t.training_steps, result.eval, prefix="eval")
             logger.close()
         return result
+
+    def _evaluate_and_log(self, step: int, clock: _Clock, logger: MetricsLogger | None
+                          ) -> dict[str, float] | None:
+        """Held-out accuracy at `step`, logged with the clock (its time counts as wall time)."""
+        ev = self.evaluate()
+        if ev is None:
+            return None
+        ev.update(clock.evaluated())
+        if self.ctx.is_main:
+            logger.log(step, ev, prefix="eval")
+            log.info("eval at step %d: %s", step, ev)
+        return ev
+
+    def _report_target(self, step: int, ev: dict[str, float], target: float) -> dict[str, float]:
+        """--target-mlm-accuracy reached: one line with what it took (printed on rank 0)."""
+        reached = {"step": step, "samples": ev["samples"], "wall_s": ev["wall_s"],
+                   "train_s": ev["train_s"], "mlm_acc": ev["mlm_acc"], "eval": ev}
+        if self.ctx.is_main:
+            print(f"target mlm_acc {target} reached at step {step}: held-out mlm_acc "
+                  f"{ev['mlm_acc']:.4f} after {int(ev['samples']):,} samples, "
+                  f"{ev['wall_s']:.1f} s wall ({ev['train_s']:.1f} s in training steps)", flush=True)
+        return reached
+
+
+class _Clock:
+    """Wall time, time in training steps, and samples since the run began (across resumes)."""
+
+    def __init__(self, wall_s: float, train_s: float, samples: float):
+        self._origin = time.perf_counter() - wall_s
+        self.train_s, self.samples = train_s, samples
+
+    def step(self, seconds: float, sequences: float) -> dict[str, float]:
+        self.train_s += seconds
+        self.samples += sequences
+        return self.evaluated()
+
+    def evaluated(self) -> dict[str, float]:
+        return {"wall_s": time.perf_counter() - self._origin, "train_s": self.train_s,
+                "samples": self.samples}
+
+
+def init_mlm_prior(model: GatheredBertForPreTraining, cfg: PretrainConfig) -> None:
+    """--mlm-bias-init unigram on a new model with real shards: the decoder bias starts at the
+    masked tokens' log frequencies (model/bert.py: init_mlm_bias says why). Every rank reads
+    the same first records, so every rank starts from the same weights."""
+    d = cfg.data
+    if cfg.model.mlm_bias_init != "unigram" or d.synthetic_data or d.dataset != "pretraining":
+        return
+    from bertforge.data.loader import masked_label_counts
+    from bertforge.model.bert import init_mlm_bias
+    counts = masked_label_counts(d.input_files, model.config.vocab_size)
+    init_mlm_bias(model, counts)
+    log.info("MLM bias starts at the unigram prior of %d masked tokens (--mlm-bias-init unigram)",
+             int(counts.sum()))
 
 
 def data_packing_factor(data) -> float:

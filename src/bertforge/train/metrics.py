@@ -3,7 +3,9 @@
 The step line keeps the reference's format so its users' log parsers and our benchmark regexes
 (`throughput: *(.*?) samples/sec`) keep working; accuracies are fractions 0..1 as the reference
 printed them. Beyond the reference we also report real (non-padding) tokens/s, which is the
-honest speed measure once packing removes padding. Only rank 0 builds a MetricsLogger.
+honest speed measure once packing removes padding, and the wall time since the run began
+(`wall_s`; `train_s` counts training steps only), so time to accuracy can be read off any
+log. Only rank 0 builds a MetricsLogger.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def format_step_line(step: int, total_steps: int, m: dict[str, float]) -> str:
             f" - mlm_loss: {m['mlm_loss']:.3f} - nsp_loss: {m['nsp_loss']:.3f}"
             f" - mlm_acc: {m['mlm_acc']:.3f} % - nsp_acc: {m['nsp_acc']:.3f} %"
             f" throughput: {m['samples_per_s']:.1f} samples/sec"
-            f" - real tokens/s: {m['real_tokens_per_s']:.0f}")
+            f" - real tokens/s: {m['real_tokens_per_s']:.0f}"
+            + (f" - wall: {m['wall_s']:.1f} s" if "wall_s" in m else ""))
 
 
 class MetricsLogger:
