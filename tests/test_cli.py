@@ -50,3 +50,28 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err and "nothing-*.tfrecord" in err
+
+
+def test_version_names_bertforge_and_its_libraries(capsys):
+    from importlib.metadata import version
+
+    from bertforge import __version__
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"bertforge {__version__} (torch {version('torch')}, transformers "
+                   f"{version('transformers')}, tokenizers {version('tokenizers')})")
+
+
+@pytest.mark.parametrize("env,asked,shown", [
+    ({}, False, True), ({}, True, False),
+    ({"TQDM_DISABLE": "1"}, False, False), ({"BERTFORGE_NO_PROGRESS": "1"}, False, False),
+    ({"TQDM_DISABLE": "0"}, False, True)])
+def test_progress_bars_honour_tqdm_disable(monkeypatch, env, asked, shown):
+    from bertforge.data.stage import progress
+    for name in ("TQDM_DISABLE", "BERTFORGE_NO_PROGRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert progress(range(3), disable=asked).disable is not shown

@@ -72,6 +72,7 @@ def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki
         "input_files": [str(f) for f in data.train_files],
         "eval_files": [str(f) for f in data.heldout_files], "tokenizer": str(data.vocab_file),
         "training_steps": 300, "eval_every": 50, "target_mlm_accuracy": target,
+        "checkpoint_steps": 50,  # the stop step is a checkpoint step too: saved once
         "random_seed": seed, "checkpoint_output_dir": str(tmp_path / "run"),
         "dataloader_workers": 0, "disable_progress_bar": True, "device": "cpu"})
     result = pretrain(cfg)

@@ -189,10 +189,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def _version_line() -> str:
+    """bertforge's version and those of the libraries a bug report needs (read from package
+    metadata: importing torch would cost seconds on every `bertforge` call)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from bertforge import __version__
+    parts = []
+    for name in ("torch", "transformers", "tokenizers"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"bertforge {__version__} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bertforge.flags import DidYouMeanParser
     parser = DidYouMeanParser(prog="bertforge", description="BERT pre-training (MLM + NSP) and "
                               "SQuAD fine-tuning on CPUs and NVIDIA GPUs, from a raw Wikipedia dump.")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     wiki = sub.add_parser("wiki", help="download, extract and preprocess a Wikipedia dump")

@@ -36,11 +36,13 @@ def default_workers() -> int:
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", disable: bool | None = None, unit_scale: bool = False) -> tqdm:
-    """A tqdm bar on stderr; BERTFORGE_NO_PROGRESS=1 turns every bar off (CI logs).
+    """A tqdm bar on stderr; BERTFORGE_NO_PROGRESS=1 or tqdm's own TQDM_DISABLE=1 turns every
+    bar off (CI logs), whatever the caller asked for.
 
     unit_scale=True shows byte counts as KiB/MiB (divisor 1024)."""
-    if disable is None:
-        disable = os.environ.get("BERTFORGE_NO_PROGRESS", "") not in ("", "0")
+    off = any(os.environ.get(name, "").strip().lower() not in ("", "0", "false")
+              for name in ("BERTFORGE_NO_PROGRESS", "TQDM_DISABLE"))
+    disable = off or bool(disable)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
                 unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000)

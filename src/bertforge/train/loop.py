@@ -260,6 +260,7 @@ class Trainer:
         clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
                        metrics.get("samples", 0.0))
         target = cfg.data.target_mlm_accuracy
+        saved_step = None  # the step of the last periodic checkpoint
         from bertforge.data.stage import progress
         bar = progress(range(self.start_step, t.training_steps), total=t.training_steps,
                        desc="pretrain", unit="step", disable=t.disable_progress_bar or not ctx.is_main)
@@ -286,7 +287,7 @@ class Trainer:
             done = step + 1
             every = cfg.checkpoint.checkpoint_steps
             if every and done % every == 0 and done < t.training_steps:
-                self.save(done, consumed, metrics)
+                result.final_checkpoint, saved_step = self.save(done, consumed, metrics), done
             if cfg.data.eval_every and done % cfg.data.eval_every == 0 and done < t.training_steps:
                 ev = self._evaluate_and_log(done, clock, logger)
                 if target is not None and ev["mlm_acc"] >= target:
@@ -294,7 +295,8 @@ class Trainer:
                     break
         last = done if self.start_step < t.training_steps else t.training_steps
         result.steps = last
-        result.final_checkpoint = self.save(last, consumed, metrics)
+        if saved_step != last:  # a target reached at a checkpoint step is saved already
+            result.final_checkpoint = self.save(last, consumed, metrics)
         result.eval = self._evaluate_and_log(last, clock, logger) if result.target_reached is None \
             else result.target_reached["eval"]
         if result.eval is not None and target is not None and result.target_reached is None:
