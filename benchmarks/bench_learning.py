@@ -46,6 +46,11 @@ import numpy as np
 import torch
 import transformers
 
+LABELS = {"bertforge": "bertforge", "hf_loop": "plain HF loop",
+          "bertforge_zero_bias": "bertforge, MLM bias at zero (before the fix)",
+          "hf_loop_prior_bias": "plain HF loop, MLM bias at the prior"}
+COLOURS = {"bertforge": "tab:blue", "hf_loop": "tab:orange", "bertforge_zero_bias": "tab:red",
+           "hf_loop_prior_bias": "tab:green"}
 FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
             "masked_lm_weights", "next_sentence_labels")
 
@@ -93,14 +98,23 @@ def hf_evaluate(model, heldout: dict[str, torch.Tensor], batch_size: int = 128) 
     return {"mlm_acc": ok / max(1, total), "nsp_acc": nsp_ok / len(heldout["input_ids"])}
 
 
-def hf_loop(cfg, train_files: list[Path], heldout_files: list[Path]) -> list[dict[str, float]]:
+def hf_loop(cfg, train_files: list[Path], heldout_files: list[Path], prior_bias: bool = False
+            ) -> list[dict[str, float]]:
     """Train with plain transformers + torch on the recipe of `cfg` (a resolved bertforge
     config: same shape, optimizer settings, schedule, batch, steps, seed); returns the held-out
-    curve [{step, wall_s, mlm_acc, nsp_acc}]."""
+    curve [{step, wall_s, mlm_acc, nsp_acc}]. `prior_bias`: start the MLM bias at the log
+    frequency of the masked tokens, as bertforge does, computed here from this loop's own
+    records (first 16k, add-one), so that engine parity can be read apart from the recipe."""
     m, o, t = cfg.model, cfg.optim, cfg.train
     train, heldout = read_records(train_files), read_records(heldout_files)
     torch.manual_seed(t.random_seed)
     model = transformers.BertForPreTraining(m.to_bert_config())  # HF's own init
+    if prior_bias:
+        ids = train["masked_lm_ids"][:16384]
+        ids = ids[(train["masked_lm_weights"][:16384] > 0) & (ids != 0)]
+        counts = torch.bincount(ids, minlength=m.vocab_size).double() + 1
+        with torch.no_grad():
+            model.cls.predictions.bias.copy_((counts / counts.sum()).log())
     named = list(model.named_parameters())
     no_decay = [p for n, p in named if n.endswith("bias") or "LayerNorm" in n]
     decay = [p for n, p in named if not (n.endswith("bias") or "LayerNorm" in n)]
@@ -234,16 +248,16 @@ def plot(results: dict[str, dict[int, list[dict]]], baseline: float, target: flo
         print("plot: matplotlib is not installed (pip install matplotlib); no PNG written")
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"bertforge": "tab:blue", "hf_loop": "tab:orange"}
+
     for trainer, by_seed in results.items():
         for i, (seed, curve) in enumerate(sorted(by_seed.items())):
             label = trainer if i == 0 else None
             for ax, x in zip(axes, ("step", "wall_s")):
-                ax.plot([p[x] for p in curve], [p["mlm_acc"] for p in curve], color=colours[trainer],
-                        alpha=0.8, label=label, marker=".")
+                ax.plot([p[x] for p in curve], [p["mlm_acc"] for p in curve],
+                        color=COLOURS[trainer], alpha=0.8, label=label and LABELS[trainer], marker=".")
     for ax, xlabel in zip(axes, ("optimizer steps", "training wall time (s, evaluation excluded)")):
         ax.axhline(baseline, color="grey", linestyle="--", label="most-frequent token")
-        ax.axhline(target, color="green", linestyle=":", label=f"target {target}")
+        ax.axhline(target, color="black", linestyle=":", label=f"target {target}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out MLM accuracy")
         ax.grid(alpha=0.3)
@@ -269,7 +283,11 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("bench-data/learning"))
     parser.add_argument("--output", type=Path, default=None, help="JSON of every curve")
     parser.add_argument("--plot", type=Path, default=Path("docs/learning_parity.png"))
-    parser.add_argument("--trainers", default="bertforge,hf_loop")
+    parser.add_argument("--trainers", default="bertforge,hf_loop",
+                        help="comma-separated: " + ", ".join(LABELS))
+    parser.add_argument("--add-to", type=Path, action="append", default=[], metavar="JSON",
+                        help="merge the curves of an earlier --output into the report and plot "
+                             "(repeatable)")
     parser.add_argument("--diagnose", action="store_true",
                         help="after each bertforge run, where its model keeps token frequencies "
                              "and whether it uses context (plateau_diagnostics)")
@@ -301,31 +319,40 @@ def main() -> int:
             "dataloader_workers": 1, "disable_progress_bar": True,
             **dict(kv.split("=", 1) for kv in args.bertforge_set)}).resolve(1)
         for trainer in args.trainers.split(","):
-            if trainer == "bertforge":
-                run_dir = args.work_dir / f"run-bertforge-{seed}"
-                curve = bertforge_run(cfg, run_dir)
+            if trainer in ("bertforge", "bertforge_zero_bias"):
+                run_cfg = type(cfg).from_dict(cfg.to_dict())
+                if trainer == "bertforge_zero_bias":  # the recipe before issue 11's fix
+                    run_cfg.model.mlm_bias_init = "zero"
+                run_dir = args.work_dir / f"run-{trainer}-{seed}"
+                curve = bertforge_run(run_cfg, run_dir)
                 if args.diagnose:
                     diagnostics = plateau_diagnostics(run_dir / f"step_{curve[-1]['step']}",
                                                       data.train_files, data.heldout_files)
                     print(f"bertforge seed {seed} diagnostics: "
                           + ", ".join(f"{k} {v:.3g}" for k, v in diagnostics.items()))
-            elif trainer == "hf_loop":
-                curve = hf_loop(cfg, data.train_files, data.heldout_files)
+            elif trainer in ("hf_loop", "hf_loop_prior_bias"):
+                curve = hf_loop(cfg, data.train_files, data.heldout_files,
+                                prior_bias=trainer == "hf_loop_prior_bias")
             else:
-                raise SystemExit(f"--trainers: unknown trainer {trainer!r} (bertforge, hf_loop)")
+                raise SystemExit(f"--trainers: unknown trainer {trainer!r} ({', '.join(LABELS)})")
             results.setdefault(trainer, {})[seed] = curve
             last = curve[-1]
             print(f"{trainer} seed {seed}: held-out mlm_acc {last['mlm_acc']:.4f} nsp_acc "
                   f"{last['nsp_acc']:.3f} after {last['step']} steps, {last['wall_s']:.0f} s", flush=True)
+    for path in args.add_to:  # curves of earlier runs of this benchmark (same data and recipe)
+        earlier = json.loads(path.read_text())
+        for trainer, by_seed in earlier["results"].items():
+            for seed, curve in by_seed.items():
+                results.setdefault(trainer, {}).setdefault(int(seed), curve)
     summary = summarise(results, args.target_mlm_accuracy)
     for trainer, s in summary.items():
         final = s["mlm_acc_at_step"][max(s["mlm_acc_at_step"])]
         print(f"{trainer}: final held-out mlm_acc mean {final['mean']:.4f} "
               f"(min {final['min']:.4f}, max {final['max']:.4f}); nsp_acc {s['final_nsp_acc']:.3f}; "
               f"step {s['step_time_s'] * 1000:.0f} ms; target {args.target_mlm_accuracy} reached by "
-              f"{s['seeds_reaching_target']}/{len(seeds)} seeds, median {s['median_time_to_target_s']:.0f} s "
+              f"{s['seeds_reaching_target']}/{len(results[trainer])} seeds, median {s['median_time_to_target_s']:.0f} s "
               f"({s['median_steps_to_target']} steps)")
-    if set(summary) == {"bertforge", "hf_loop"}:
+    if {"bertforge", "hf_loop"} <= set(summary):
         bf, hf = summary["bertforge"], summary["hf_loop"]
         print(f"time_to_accuracy_speedup: {hf['median_time_to_target_s'] / bf['median_time_to_target_s']:.2f}")
         print(f"step_time_speedup: {hf['step_time_s'] / bf['step_time_s']:.2f}")

