@@ -304,7 +304,8 @@ def main() -> int:
     data = prepare_sample_shards(args.work_dir, vocab_size=args.vocab_size)
     baseline, _ = most_frequent_token_accuracy(data.heldout_files)
     print(f"held-out most-frequent-token accuracy: {baseline:.4f}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]  # none: only report --add-to runs
+    recipe = None
     results: dict[str, dict[int, list[dict]]] = {}
     for seed in seeds:  # trainers interleaved per seed: machine drift hits both alike
         # The demo's preset is the recipe of both trainers (issue 11: 128/2/2, AdamW 3e-3,
@@ -318,6 +319,7 @@ def main() -> int:
             "global_batch_size": args.batch_size, "random_seed": seed, "device": "cpu",
             "dataloader_workers": 1, "disable_progress_bar": True,
             **dict(kv.split("=", 1) for kv in args.bertforge_set)}).resolve(1)
+        recipe = cfg.to_dict()
         for trainer in args.trainers.split(","):
             if trainer in ("bertforge", "bertforge_zero_bias"):
                 run_cfg = type(cfg).from_dict(cfg.to_dict())
@@ -341,6 +343,7 @@ def main() -> int:
                   f"{last['nsp_acc']:.3f} after {last['step']} steps, {last['wall_s']:.0f} s", flush=True)
     for path in args.add_to:  # curves of earlier runs of this benchmark (same data and recipe)
         earlier = json.loads(path.read_text())
+        recipe = recipe or earlier["recipe"]
         for trainer, by_seed in earlier["results"].items():
             for seed, curve in by_seed.items():
                 results.setdefault(trainer, {}).setdefault(int(seed), curve)
@@ -352,12 +355,15 @@ def main() -> int:
               f"step {s['step_time_s'] * 1000:.0f} ms; target {args.target_mlm_accuracy} reached by "
               f"{s['seeds_reaching_target']}/{len(results[trainer])} seeds, median {s['median_time_to_target_s']:.0f} s "
               f"({s['median_steps_to_target']} steps)")
-    if {"bertforge", "hf_loop"} <= set(summary):
-        bf, hf = summary["bertforge"], summary["hf_loop"]
-        print(f"time_to_accuracy_speedup: {hf['median_time_to_target_s'] / bf['median_time_to_target_s']:.2f}")
-        print(f"step_time_speedup: {hf['step_time_s'] / bf['step_time_s']:.2f}")
+    for other in ("hf_loop", "hf_loop_prior_bias"):  # nan: that trainer never reached the target
+        if {"bertforge", other} <= set(summary):
+            bf, hf = summary["bertforge"], summary[other]
+            suffix = "" if other == "hf_loop" else f"_vs_{other}"
+            print(f"time_to_accuracy_speedup{suffix}: "
+                  f"{hf['median_time_to_target_s'] / bf['median_time_to_target_s']:.2f}")
+            print(f"step_time_speedup{suffix}: {hf['step_time_s'] / bf['step_time_s']:.2f}")
     if args.output:
-        args.output.write_text(json.dumps({"recipe": cfg.to_dict(), "baseline": baseline,
+        args.output.write_text(json.dumps({"recipe": recipe, "baseline": baseline,
                                            "results": results, "summary": summary}, indent=1))
     if args.plot and plot(results, baseline, args.target_mlm_accuracy, args.plot):
         print(f"plot: {args.plot}")

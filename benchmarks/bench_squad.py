@@ -96,13 +96,14 @@ def make_squad_like(num_paragraphs: int, seed: int = 0) -> dict:
 
 
 def hf_prepare_train_features(examples: dict, tokenizer, max_length: int = 384,
-                              doc_stride: int = 128) -> dict:
-    """Hugging Face run_qa's prepare_train_features, as that script does it."""
+                              doc_stride: int = 128, padding: str | bool = "max_length") -> dict:
+    """Hugging Face run_qa's prepare_train_features, as that script does it (`padding`: its
+    pad_to_max_length choice; bench_squad_real.py pads per batch instead)."""
     examples["question"] = [q.lstrip() for q in examples["question"]]
     tokenized = tokenizer(examples["question"], examples["context"], truncation="only_second",
                           max_length=max_length, stride=doc_stride,
                           return_overflowing_tokens=True, return_offsets_mapping=True,
-                          padding="max_length")
+                          padding=padding)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     offset_mapping = tokenized.pop("offset_mapping")
     tokenized["start_positions"] = []

@@ -210,37 +210,13 @@ def _questions(tokenizer, rows: list[dict], max_query_length: int) -> list[str]:
 
 def hf_train_features(tokenizer, rows: list[dict], hp: Hyper) -> list[dict]:
     """run_qa's prepare_train_features (pad_to_max_length False), one dict per window."""
-    enc = tokenizer(_questions(tokenizer, rows, hp.max_query_length), [r["context"] for r in rows],
-                    truncation="only_second", max_length=hp.sequence_length,
-                    stride=hp.doc_stride, return_overflowing_tokens=True,
-                    return_offsets_mapping=True, padding=False)
-    features = []
-    for i, offsets in enumerate(enc["offset_mapping"]):
-        input_ids = enc["input_ids"][i]
-        cls_index = input_ids.index(tokenizer.cls_token_id)
-        sequence_ids = enc.sequence_ids(i)
-        answers = rows[enc["overflow_to_sample_mapping"][i]]["answers"]
-        start_position = end_position = cls_index
-        if answers["answer_start"]:
-            start_char = answers["answer_start"][0]
-            end_char = start_char + len(answers["text"][0])
-            token_start = 0
-            while sequence_ids[token_start] != 1:
-                token_start += 1
-            token_end = len(input_ids) - 1
-            while sequence_ids[token_end] != 1:
-                token_end -= 1
-            if offsets[token_start][0] <= start_char and offsets[token_end][1] >= end_char:
-                while token_start < len(offsets) and offsets[token_start][0] <= start_char:
-                    token_start += 1
-                start_position = token_start - 1
-                while offsets[token_end][1] >= end_char:
-                    token_end -= 1
-                end_position = token_end + 1
-        features.append({"input_ids": input_ids, "token_type_ids": enc["token_type_ids"][i],
-                         "attention_mask": enc["attention_mask"][i],
-                         "start_positions": start_position, "end_positions": end_position})
-    return features
+    from bench_squad import hf_prepare_train_features
+    examples = {"question": _questions(tokenizer, rows, hp.max_query_length),
+                "context": [r["context"] for r in rows], "answers": [r["answers"] for r in rows]}
+    enc = hf_prepare_train_features(examples, tokenizer, max_length=hp.sequence_length,
+                                    doc_stride=hp.doc_stride, padding=False)
+    keys = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
+    return [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
 
 
 def hf_eval_features(tokenizer, rows: list[dict], hp: Hyper) -> list[dict]:

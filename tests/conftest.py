@@ -77,6 +77,18 @@ def squad_article() -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (tiny matrices: one thread is fastest, and a shared
+    2-core CI machine is not oversubscribed); `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_qa_model(path: Path, seed: int) -> Path:
     """A random tiny BertForQuestionAnswering (64/2/2) with bert-base-uncased tokenizer files,
     saved at `path`: the served / exported model of the serving tests."""

@@ -60,13 +60,7 @@ def make_squad(num_paragraphs: int = 48, seed: int = 0, v2: bool = False) -> dic
     return {"version": "v2.0" if v2 else "1.1", "data": articles}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is fastest, and avoids oversubscribing a shared CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from bertforge.cli import main
 
@@ -44,12 +43,7 @@ FLAGS = ["--config", "squad_base_384", "--sequence-length", "256", "--doc-stride
          "--random-seed", str(SEED), "--disable-progress-bar"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def split(article: Path, output_dir: Path) -> tuple[Path, Path]:
