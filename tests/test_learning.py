@@ -1,5 +1,5 @@
 """Training learns: memorising a small real sample (the reference's check, issue 3, item 9), and
-learning from context on held-out text within a few hundred steps, every seed (issue 11).
+learning from context on held-out text within a few hundred steps, every seed.
 
 The reference trained demo_tiny_128 on ~45 records for 360 steps and asked for a falling
 loss and a mean mlm_acc over the last 10 steps above 0.85 (memorising a small sample is
@@ -59,7 +59,7 @@ def test_demo_tiny_128_memorises_a_small_sample(preprocessed_sample, tmp_path):
 def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki_sample):
     """The demo's recipe on the real sample: held-out MLM accuracy at least twice what
     predicting the most frequent token scores, within 300 steps, for the presets' seed 5 and
-    another. Before issue 11's fix (MLM bias started at zero) seed 5 sat at exactly that
+    another. Before the MLM bias started at the prior (it started at zero), seed 5 sat at that
     baseline (0.048 after 300 steps; measured with these shards: 0.111-0.114 for seeds 1, 2, 5
     with the fix, docs/benchmarks.md "Learning parity"). It also checks --target-mlm-accuracy:
     the run stops at the first evaluation at or above the target, with the checkpoint there.

@@ -454,7 +454,7 @@ def init_mlm_bias(model: transformers.BertForPreTraining, label_counts) -> None:
     """Start the MLM decoder bias at the log unigram prior of the masked tokens (add-one
     smoothed counts from data/loader.py: masked_label_counts), not at zero.
 
-    Why (issue 11, measured in docs/benchmarks.md "Learning parity"): with a zero bias the
+    Why (measured in docs/benchmarks.md, "Learning parity"): with a zero bias the
     first thing MLM learns is token frequencies, and with AdamW a bias entry moves at most ~lr
     per step, so ~9 nats of log-frequency range take thousands of steps through the bias. The
     faster route is the decoder weight, which BERT ties to the input word embeddings: the
