@@ -223,7 +223,7 @@ def check_ddp(record: dict, save, tmp: Path) -> None:
 
 
 def preset_shape(preset: str):
-    """(transformers.BertConfig, S, M) of a pre-training preset (configs/pretraining.yml)."""
+    """(transformers.BertConfig, S, M) of a pre-training preset (src/bertforge/presets/pretraining.yml)."""
     from bertforge.config import load_config
     cfg = load_config(preset)
     return cfg.model.to_bert_config(), cfg.data.sequence_length, cfg.data.mask_tokens

@@ -1,7 +1,7 @@
 """Config sections, YAML presets and generated flags of `bertforge pretrain` (issue 3, item 2).
 
 ~3 s in all, mostly the one transformers import (to_bert_config); the rest is pure Python.
-Every preset of configs/pretraining.yml loads and resolves, flags beat presets without unset
+Every preset of presets/pretraining.yml loads and resolves, flags beat presets without unset
 flags clobbering them, typos fail with a did-you-mean, and a resolved config survives
 to_dict/from_dict (and JSON/YAML) exactly.
 """

@@ -7,7 +7,7 @@ Cross-section rules and derived values (gradient accumulation from the global ba
 world size) live in `PretrainConfig.resolve(world_size)`, called once the process group is up.
 
 Values come in three layers, later wins: dataclass defaults <- a named preset from
-configs/pretraining.yml (following `inherit:` chains) <- the flags actually given. Every flag
+presets/pretraining.yml (following `inherit:` chains) <- the flags actually given. Every flag
 defaults to argparse.SUPPRESS, so an unset flag never clobbers a preset value with an
 argparse default. The flags are generated from the dataclass fields (flags.py), so a new
 field is a flag, a preset key and a saved-config entry at once and the three can never drift
@@ -530,8 +530,9 @@ def _indivisible(global_batch: int, micro: int, world_size: int) -> str:
 
 # ---------------------------------------------------------------- presets
 def default_preset_file(cls: type[RunConfig] = PretrainConfig) -> Path:
-    """configs/<PRESET_FILE> of the repository this package lives in."""
-    return Path(__file__).resolve().parents[2] / "configs" / cls.PRESET_FILE
+    """presets/<PRESET_FILE> inside the package (package data: a wheel installed anywhere,
+    not only a checkout, finds them)."""
+    return Path(__file__).resolve().parent / "presets" / cls.PRESET_FILE
 
 
 def load_presets(path: Path | str) -> dict[str, dict[str, Any]]:
@@ -541,7 +542,7 @@ def load_presets(path: Path | str) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preset file {path} not found; pass --config-file PATH (the "
-                                "repository's configs/ directory holds the presets)")
+                                "package's presets/ directory holds the built-in ones)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

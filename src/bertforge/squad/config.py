@@ -1,6 +1,6 @@
 """Typed configuration of `bertforge squad`: the pre-training sections plus two SQuAD sections.
 
-SquadConfig is a RunConfig like PretrainConfig, so presets (configs/squad.yml with
+SquadConfig is a RunConfig like PretrainConfig, so presets (presets/squad.yml with
 `inherit:`), generated flags, did-you-mean on typos and the saved config all come from
 bertforge.config unchanged. It reuses ModelSection (shape of a randomly initialised model,
 and the dropout rates applied to a loaded one), OptimSection, CheckpointSection and
