@@ -79,8 +79,9 @@ def prepare_sample_shards(output_dir: Path, *, vocab_size: int = 8192, workers: 
 def most_frequent_token_accuracy(files: list[Path]) -> tuple[float, int]:
     """(accuracy, labels) of always predicting the held-out set's own commonest masked token:
     what token frequencies alone can score, the level a model that learned no context sits at."""
-    from bertforge.data.loader import PretrainingDataset
     import numpy as np
+
+    from bertforge.data.loader import PretrainingDataset
 
     counts: dict[int, int] = {}
     for batch in PretrainingDataset(files, 1024, shuffle=False, infinite=False):

@@ -53,8 +53,9 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics
     eval: dict[str, float] | None = None
-    # --target-mlm-accuracy: {step, samples, wall_s, train_s, mlm_acc} where it was reached
-    target_reached: dict[str, float] | None = None
+    # --target-mlm-accuracy: {step, samples, wall_s, train_s, mlm_acc, eval: the held-out
+    # metrics} where it was reached
+    target_reached: dict[str, Any] | None = None
 
     def last_mean(self, key: str, n: int = 10) -> float:
         values = [h[key] for h in self.history[-n:]]
@@ -321,7 +322,7 @@ class Trainer:
             log.info("eval at step %d: %s", step, ev)
         return ev
 
-    def _report_target(self, step: int, ev: dict[str, float], target: float) -> dict[str, float]:
+    def _report_target(self, step: int, ev: dict[str, float], target: float) -> dict[str, Any]:
         """--target-mlm-accuracy reached: one line with what it took (printed on rank 0)."""
         reached = {"step": step, "samples": ev["samples"], "wall_s": ev["wall_s"],
                    "train_s": ev["train_s"], "mlm_acc": ev["mlm_acc"], "eval": ev}
