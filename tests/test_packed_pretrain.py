@@ -17,7 +17,8 @@ import transformers
 from bertforge.config import PretrainConfig
 from bertforge.data.example import encode_example
 from bertforge.data.loader import PretrainingDataset
-from bertforge.data.packed import check_inputs, from_reference_layout, layout_packs, packed_batch
+from bertforge.data.packed import check_inputs, layout_packs, packed_batch
+from bertforge.rows import from_reference_layout
 from bertforge.data.packing import pack_lengths
 from bertforge.data.tfrecord import RecordWriter
 from bertforge.model.bert import build_pretraining_model, num_sequences
@@ -85,7 +86,7 @@ def _per_sequence(model, batch):
         seqs = [hidden[i][masks[i]] for i in range(hidden.shape[0])]
         real = batch["masked_lm_ids"] != 0
         mlm = [head(hidden[i, batch["masked_lm_positions"][i][real[i]]]) for i in range(len(seqs))]
-        return seqs, mlm, model.cls.seq_relationship(pooled)
+        return seqs, mlm, model.cls.seq_relationship(pooled[:, 0])  # one [CLS] per row
     seqs, mlm, nsp = [], [], []
     for row in range(hidden.shape[0]):
         for k in range(1, batch["next_sentence_mask"].shape[1] + 1):

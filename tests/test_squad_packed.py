@@ -1,5 +1,6 @@
-"""Packed SQuAD (issue 5, item 7) against one window per row: every window packed exactly once,
-the same start/end logits per window and the same predictions.json, the same training loss and
+"""SQuAD windows in the row layout (packed, or one per row) against the stock Hugging Face
+forward on padded windows (the reference path): every window packed exactly once, the same
+start/end logits per window and the same predictions.json, the same training loss and
 gradients (fp32, 1e-5), and `--packed-data` end to end through `bertforge squad`."""
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from bertforge.config import load_config
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import examples_from_articles
 from bertforge.squad.features import WindowSpec, build_windows
-from bertforge.squad.finetune import masked_logits, predict_logits, squad, to_tensors
-from bertforge.squad.packed import (PackedQuestionAnswering, pack_windows, packed_arrays,
-                                    packed_tensors, predict_logits_packed, run_packed,
-                                    window_logits)
+from bertforge.squad.finetune import squad
+from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, padded_tensors,
+                                     predict_logits, reference_logits, run_rows, to_device,
+                                     window_logits, window_rows)
 from bertforge.squad.postprocess import postprocess
 
 SEQ = 128
@@ -78,7 +79,7 @@ def test_every_window_is_packed_exactly_once(dataset):
     assert sorted(k for p in packs for k in p) == list(range(len(windows)))
     assert all(1 <= len(p) <= 3 and sum(lengths[k] for k in p) <= SEQ for p in packs)
     assert len(packs) < 0.6 * len(windows)  # short windows do share rows
-    arrays = packed_arrays(windows, packs)
+    arrays = window_rows(windows, packs)
     assert arrays["input_ids"].shape == (len(packs), SEQ)
     assert sorted(arrays["window_index"].tolist()) == list(range(len(windows)))
     for k, row, slot, offset, n in zip(*(arrays[key].tolist() for key in (
@@ -99,56 +100,72 @@ def test_window_longer_than_the_row_is_an_error(dataset):
         pack_windows(windows, 64)
 
 
-def test_packed_inference_gives_the_same_logits_and_predictions(dataset, model, tmp_path):
+def reference_predictions(model, windows, batch_size=16):
+    """Per-window logits of the stock model on padded windows (the reference path)."""
+    starts, ends = [], []
+    with torch.no_grad():
+        for lo in range(0, len(windows), batch_size):
+            chunk = windows[lo:lo + batch_size]
+            start, end = reference_logits(model, padded_tensors(chunk, torch.device("cpu")))
+            starts += [start[i, :len(w)].numpy() for i, w in enumerate(chunk)]
+            ends += [end[i, :len(w)].numpy() for i, w in enumerate(chunk)]
+    return starts, ends
+
+
+def test_row_inference_gives_the_reference_logits_and_predictions(dataset, model, tmp_path):
     examples, windows = dataset
     cpu = torch.device("cpu")
-    starts, ends = predict_logits(model, windows, batch_size=16, device=cpu, pad_to=SEQ)
-    p_starts, p_ends = predict_logits_packed(model, windows, batch_size=16, device=cpu,
-                                             sequence_length=SEQ)
-    assert len(p_starts) == len(windows)
-    for k, w in enumerate(windows):
-        assert p_starts[k].shape == p_ends[k].shape == (len(w),)
-        np.testing.assert_allclose(p_starts[k], starts[k], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(p_ends[k], ends[k], atol=1e-5, rtol=0)
+    results = {"reference": reference_predictions(model, windows),
+               "one per row": predict_logits(model, windows, batch_size=16, device=cpu),
+               "packed": predict_logits(model, windows, batch_size=16, device=cpu,
+                                        packed_length=SEQ)}
+    starts, ends = results["reference"]
+    for name, (r_starts, r_ends) in results.items():
+        assert len(r_starts) == len(windows)
+        for k, w in enumerate(windows):
+            assert r_starts[k].shape == r_ends[k].shape == (len(w),)
+            np.testing.assert_allclose(r_starts[k], starts[k], atol=1e-5, rtol=0, err_msg=name)
+            np.testing.assert_allclose(r_ends[k], ends[k], atol=1e-5, rtol=0, err_msg=name)
     files = {}
-    for name, (s, e) in {"unpacked": (starts, ends), "packed": (p_starts, p_ends)}.items():
+    for name, (s, e) in results.items():
         (tmp_path / name).mkdir()
         files[name] = postprocess(examples, windows, s, e).write(tmp_path / name)
-    unpacked = files["unpacked"]["predictions"].read_text()
-    assert files["packed"]["predictions"].read_text() == unpacked
-    assert len(set(json.loads(unpacked).values())) > 3  # real, varied answers were compared
+    reference = files["reference"]["predictions"].read_text()
+    assert all(f["predictions"].read_text() == reference for f in files.values())
+    assert len(set(json.loads(reference).values())) > 3  # real, varied answers were compared
 
 
-def test_packed_training_gives_the_same_loss_and_gradients(dataset, model):
+@pytest.mark.parametrize("layout", ["packed", "one per row"])
+def test_row_training_gives_the_reference_loss_and_gradients(dataset, model, layout):
     _, windows = dataset
     chunk = windows[:20]
     cpu = torch.device("cpu")
 
-    def loss_and_grads(packed: bool):
+    def loss_and_grads(layout: str):
         model.zero_grad(set_to_none=True)
-        if packed:
-            batch = packed_tensors(chunk, pack_windows(chunk, SEQ), cpu)
-            row_start, row_end = run_packed(PackedQuestionAnswering(model), batch)
-            start, end = window_logits(row_start, batch), window_logits(row_end, batch)
-            assert start.shape[0] == len(chunk) > batch["input_ids"].shape[0]
+        if layout == "reference":
+            batch = padded_tensors(chunk, cpu)
+            start, end = reference_logits(model, batch)
         else:
-            batch = to_tensors(chunk, cpu)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        token_type_ids=batch["token_type_ids"])
-            start, end = masked_logits(out, batch["attention_mask"])
+            packs = pack_windows(chunk, SEQ) if layout == "packed" else None
+            batch = to_device(window_rows(chunk, packs), cpu)
+            row_start, row_end = run_rows(QuestionAnsweringRows(model), batch)
+            start, end = window_logits(row_start, batch), window_logits(row_end, batch)
+            rows = batch["input_ids"].shape[0]
+            assert start.shape[0] == len(chunk) and (rows < len(chunk)) == (layout == "packed")
         loss = (F.cross_entropy(start, batch["start_positions"])
                 + F.cross_entropy(end, batch["end_positions"])) / 2
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
                              if p.grad is not None}
 
-    loss, grads = loss_and_grads(packed=False)
-    p_loss, p_grads = loss_and_grads(packed=True)
+    loss, grads = loss_and_grads("reference")
+    r_loss, r_grads = loss_and_grads(layout)
     model.zero_grad(set_to_none=True)
-    assert p_loss == pytest.approx(loss, abs=1e-5) and loss > 1.0
-    assert grads.keys() == p_grads.keys() and len(grads) > 10
+    assert r_loss == pytest.approx(loss, abs=1e-5) and loss > 1.0
+    assert grads.keys() == r_grads.keys() and len(grads) > 10
     for name in grads:
-        torch.testing.assert_close(p_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(r_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_packed_data_flag_end_to_end(tmp_path):
@@ -167,7 +184,7 @@ def test_packed_data_flag_end_to_end(tmp_path):
             "checkpoint_output_dir": str(tmp_path / f"run-{packed}")}, cls=SquadConfig)
         results[packed] = squad(cfg)
     losses = [h["loss"] for h in results[False].history]
-    assert [h["samples"] for h in results[True].history] == [16.0] * 3
+    assert [h["sequences"] for h in results[True].history] == [16.0] * 3
     assert [h["loss"] for h in results[True].history] == pytest.approx(losses, abs=1e-5)
     assert results[True].files["predictions"].read_text() == \
         results[False].files["predictions"].read_text()

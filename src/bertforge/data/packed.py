@@ -36,7 +36,7 @@ Packed record (docs/packing.md), S tokens, P sequences, M' prediction slots, all
 input_ids, sequence_ids (0 padding, k = k-th sequence), segment_ids, position_ids (restart at
 0 per sequence) [S]; masked_lm_positions, masked_lm_ids, masked_lm_sequence [M'];
 next_sentence_labels, next_sentence_mask, cls_positions [P]. Sequence k's [CLS] is the first
-token of its span (unlike the reference packer: `from_reference_layout` reads that layout).
+token of its span (unlike the reference packer: `rows.from_reference_layout` reads that layout).
 `.bertforge-packing.json` in the output directory records the plan (packing factor, efficiency).
 """
 
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertforge import rows
 from bertforge.data.example import decode_examples
 from bertforge.data.loader import expand_files
 from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
@@ -62,10 +63,6 @@ from bertforge.data.tfrecord import RecordWriter, iter_records, read_index, read
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
 SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed at the end
 _CHUNK = 4096  # records decoded at once (bucket pass, shuffle), packs laid out at once (write)
-REFERENCE_KEYS = ("packed_input_ids", "packed_input_mask", "packed_segment_ids",
-                  "packed_position_ids", "packed_masked_lm_positions", "packed_masked_lm_ids",
-                  "packed_masked_lm_mask", "packed_next_sentence_labels",
-                  "packed_next_sentence_mask")
 
 
 def _labelled(arrays: dict) -> np.ndarray:
@@ -162,39 +159,18 @@ def packed_mask_slots(record_slots: int, max_sequences_per_pack: int, most_in_a_
 
 def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slots: int
                  ) -> dict[str, np.ndarray]:
-    """Packed feature arrays from unpacked record arrays and packs of row numbers (-1 empty)."""
-    n, p = packs.shape
-    s, m = sequence_length, mask_slots
-    out = {name: np.zeros((n, width), np.int64) for name, width in (
-        ("input_ids", s), ("sequence_ids", s), ("segment_ids", s), ("position_ids", s),
-        ("masked_lm_positions", m), ("masked_lm_ids", m), ("masked_lm_sequence", m),
-        ("next_sentence_labels", p), ("next_sentence_mask", p), ("cls_positions", p))}
+    """Packed feature arrays from unpacked record arrays and packs of row numbers (-1 empty),
+    written by the row layout's writer (bertforge/rows.py)."""
     lengths = arrays["input_mask"].sum(1)
-    labelled = _labelled(arrays)
+    placement = rows.place(lengths, packs, width=sequence_length, max_slots=packs.shape[1])
     nsp = arrays["next_sentence_labels"].reshape(len(lengths), -1)[:, 0]
-    for row, members in enumerate(packs.tolist()):
-        start = used = 0
-        for k, i in enumerate(members, start=1):
-            if i < 0:
-                continue
-            end = start + int(lengths[i])
-            out["input_ids"][row, start:end] = arrays["input_ids"][i, :end - start]
-            out["segment_ids"][row, start:end] = arrays["segment_ids"][i, :end - start]
-            out["sequence_ids"][row, start:end] = k
-            out["position_ids"][row, start:end] = np.arange(end - start)
-            real = labelled[i]
-            count = int(real.sum())
-            if used + count > m:
-                raise ValueError(f"a pack needs {used + count} prediction slots but the packed "
-                                 f"format has {m} (mask_slots)")
-            slots = slice(used, used + count)
-            out["masked_lm_positions"][row, slots] = arrays["masked_lm_positions"][i][real] + start
-            out["masked_lm_ids"][row, used:used + count] = arrays["masked_lm_ids"][i][real]
-            out["masked_lm_sequence"][row, used:used + count] = k
-            out["next_sentence_labels"][row, k - 1] = nsp[i]
-            out["next_sentence_mask"][row, k - 1] = 1
-            out["cls_positions"][row, k - 1] = start
-            start, used = end, used + count
+    out = rows.write_tokens(placement, arrays["input_ids"], arrays["segment_ids"])
+    out.update(rows.write_labels(placement, arrays["masked_lm_positions"],
+                                 {"masked_lm_ids": arrays["masked_lm_ids"]},
+                                 _labelled(arrays), mask_slots))
+    out["next_sentence_labels"] = rows.write_slots(placement, nsp)
+    out["next_sentence_mask"] = rows.write_slots(placement, 1)
+    out["cls_positions"] = rows.write_slots(placement, placement.offsets)
     return out
 
 
@@ -405,45 +381,12 @@ def _spread(spill: ShardSpill, batch: list[bytes], rng: np.random.Generator) -> 
 
 
 # ---------------------------------------------------------------- reader side
-def from_reference_layout(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch of the reference packer's records (packed_* keys) in this project's layout.
-
-    The reference writes sequence k's [CLS] at row index S-k and its NSP label/mask at slot
-    P-k; tokens are never moved here (attention and positions do not depend on where a token
-    sits in the row), only `cls_positions` and the NSP slots are derived.
-    """
-    missing = [k for k in REFERENCE_KEYS if k not in batch]
-    if missing:
-        raise ValueError(f"reference-layout packed batch lacks {missing}")
-    ids = batch["packed_input_ids"]
-    batch_size, s = ids.shape
-    nsp_labels = batch["packed_next_sentence_labels"].reshape(batch_size, -1)
-    p = nsp_labels.shape[1]
-    mlm_sequence = batch["packed_masked_lm_mask"].round().long()
-    cls = (s - torch.arange(1, p + 1, device=ids.device)).expand(batch_size, p)
-    return {
-        "input_ids": ids.long(),
-        "sequence_ids": batch["packed_input_mask"].long(),
-        "segment_ids": batch["packed_segment_ids"].long(),
-        "position_ids": batch["packed_position_ids"].long(),
-        "masked_lm_positions": batch["packed_masked_lm_positions"].long(),
-        "masked_lm_ids": batch["packed_masked_lm_ids"].long(),
-        "masked_lm_sequence": mlm_sequence,
-        "masked_lm_weights": (mlm_sequence > 0).float(),
-        "next_sentence_labels": nsp_labels.flip(1).long(),
-        "next_sentence_mask": batch["packed_next_sentence_mask"].reshape(batch_size, -1).flip(1).long(),
-        "cls_positions": cls.clone(),
-    }
-
-
 def packed_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any packed batch (ours or the reference's) in this project's layout."""
-    if "packed_input_ids" in batch:
-        return from_reference_layout(batch)
-    if "sequence_ids" not in batch:
+    if rows.is_unpacked(batch):
         raise ValueError("--packed-data is set but the records are not packed (no sequence_ids); "
                          "run `bertforge pack` first or drop --packed-data")
-    return batch
+    return rows.as_rows(batch)
 
 
 def record_kind(path: str | Path) -> str:

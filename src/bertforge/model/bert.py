@@ -69,14 +69,14 @@ import transformers
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from bertforge.model.attention import implementation, segment_kwargs
+from bertforge.rows import ROW_KEYS, as_rows, is_unpacked
 
 # Feature names of a pre-training record (the reference's TFRecord keys).
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
               "masked_lm_ids", "next_sentence_labels")
-# A packed batch (docs/packing.md): P sequences per row.
-PACKED_BATCH_KEYS = ("input_ids", "sequence_ids", "segment_ids", "position_ids", "cls_positions",
-                     "masked_lm_positions", "masked_lm_ids", "next_sentence_labels",
-                     "next_sentence_mask")
+# What the forward reads once a batch is in the row layout (bertforge/rows.py).
+ROW_BATCH_KEYS = (*ROW_KEYS, "masked_lm_positions", "masked_lm_ids", "next_sentence_labels",
+                  "next_sentence_mask")
 
 
 @dataclasses.dataclass
@@ -114,17 +114,11 @@ def labelled_slots(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return real
 
 
-def is_packed(batch: Mapping[str, torch.Tensor]) -> bool:
-    """Whether `batch` holds packed rows (several sequences per row, see docs/packing.md)."""
-    return "sequence_ids" in batch
-
-
 def num_sequences(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sequences in the batch (0-dim tensor): rows, or real NSP slots of packed rows. The loop
-    normalises the NSP loss and counts throughput with this, so it matches the model's count."""
-    if is_packed(batch):
-        return (batch["next_sentence_mask"] > 0).sum()
-    return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    """Sequences in the batch (0-dim tensor): the real NSP slots of its rows (one per row when
+    unpacked). The loop normalises the NSP loss and counts throughput with this, so it matches
+    the model's count."""
+    return (as_rows(batch)["next_sentence_mask"] > 0).sum()
 
 
 def block_diagonal_mask(sequence_ids: torch.Tensor, additive_dtype: torch.dtype | None = None
@@ -142,12 +136,14 @@ def block_diagonal_mask(sequence_ids: torch.Tensor, additive_dtype: torch.dtype 
     return mask.masked_fill_(~allowed, torch.finfo(additive_dtype).min)
 
 
-def encode_packed(bert: transformers.BertModel, input_ids: torch.Tensor, sequence_ids: torch.Tensor,
-                  segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S, H] hidden states of packed rows: embeddings with per-sequence `position_ids`, then
-    the encoder under the block-diagonal mask of `sequence_ids`, so each sequence sees only
-    itself. The pooler is not run (BertModel.forward would pool row position 0: wasted work).
-    Pre-training (GatheredBertForPreTraining.encode) and packed SQuAD (squad/packed.py) share it.
+def encode_sequences(bert: transformers.BertModel, input_ids: torch.Tensor,
+                     sequence_ids: torch.Tensor, segment_ids: torch.Tensor,
+                     position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] hidden states of rows in the row layout (bertforge/rows.py; unpacked rows are
+    packs of one): embeddings with per-sequence `position_ids`, then the encoder under the
+    block-diagonal mask of `sequence_ids`, so each sequence sees only itself. The pooler is
+    not run (BertModel.forward would pool row position 0: wasted work). Pre-training
+    (GatheredBertForPreTraining.encode), SQuAD and the server (squad/forward.py) share it.
     """
     varlen = segment_kwargs(bert, sequence_ids)  # varlen attention: segments, no mask
     mask = None if varlen else _packed_mask(bert, sequence_ids)
@@ -192,32 +188,30 @@ def last_layer_at_rows(layer: torch.nn.Module, hidden: torch.Tensor, rows: torch
     return layer.output(layer.intermediate(attention_output), attention_output)
 
 
-def encode_rows(bert: transformers.BertModel, batch: Mapping[str, torch.Tensor],
-                rows: torch.Tensor) -> torch.Tensor:
-    """[B, R, H]: the encoder's output at `rows` only (see last_layer_at_rows), packed or not.
-
-    An unpacked row is a packed row holding one sequence: sequence ids = the input mask, so
+def encode_rows(bert: transformers.BertModel, rows: Mapping[str, torch.Tensor],
+                at: torch.Tensor) -> torch.Tensor:
+    """[B, R, H]: the encoder's output at row positions `at` [B, R] only (see
+    last_layer_at_rows), for a batch in the row layout. For an unpacked row (a pack of one)
     the block-diagonal mask lets real tokens attend to real tokens, as HF's padding mask does
     (padding queries differ, and are never read)."""
-    packed = is_packed(batch)
-    sequence_ids = batch["sequence_ids"] if packed else batch["input_mask"]
+    sequence_ids = rows["sequence_ids"]
     varlen = segment_kwargs(bert, sequence_ids)  # varlen attention: segments, no mask
     mask = None if varlen else _packed_mask(bert, sequence_ids)
-    hidden = bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["segment_ids"],
-                             position_ids=batch.get("position_ids"))
+    hidden = bert.embeddings(input_ids=rows["input_ids"], token_type_ids=rows["segment_ids"],
+                             position_ids=rows["position_ids"])
     layers = bert.encoder.layer
     for layer in layers[:-1]:
         hidden = layer(hidden, mask, **varlen)
     # The last layer's R query rows take a [B, 1, R, S] mask through SDPA, varlen or not.
-    return last_layer_at_rows(layers[-1], hidden, rows, sequence_ids)
+    return last_layer_at_rows(layers[-1], hidden, at, sequence_ids)
 
 
-def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
-    keys = PACKED_BATCH_KEYS if is_packed(batch) else BATCH_KEYS
-    missing = [k for k in keys if k not in batch]
+def _check_batch(rows: Mapping[str, torch.Tensor]) -> None:
+    missing = [k for k in ROW_BATCH_KEYS if k not in rows]
     if missing:
-        raise ValueError(f"pre-training batch lacks {missing}; it needs the features {list(BATCH_KEYS)} "
-                         "(the names create_pretraining_data writes)")
+        raise ValueError(f"pre-training batch lacks {missing}; it needs the features "
+                         f"{list(BATCH_KEYS)} (the names create_pretraining_data writes) or "
+                         "packed rows from `bertforge pack`")
 
 
 # Rows of the decoder computed at once: 128 x 30522 fp32 logits = 15.6 MB, small enough to stay
@@ -302,78 +296,64 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
     sparse_last_layer = True
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence_output [B, S, H], pooled [CLS] output: [B, H], or [B, P, H] when packed).
-
-        Packed rows get the block-diagonal mask and their own position_ids, and the pooler runs
-        on each sequence's [CLS] (`cls_positions`) instead of row position 0.
-        """
-        if not is_packed(batch):
-            out = self.bert(
-                batch["input_ids"],
-                attention_mask=batch["input_mask"],
-                token_type_ids=batch["segment_ids"],
-                position_ids=batch.get("position_ids"),
-                return_dict=True,
-            )
-            return out.last_hidden_state, out.pooler_output
-        hidden = encode_packed(self.bert, batch["input_ids"], batch["sequence_ids"],
-                               batch["segment_ids"], batch["position_ids"])
-        cls_positions = batch["cls_positions"].reshape(hidden.shape[0], -1)
-        cls = torch.gather(hidden, 1, cls_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        pooled = self.bert.pooler.activation(self.bert.pooler.dense(cls))
-        return hidden, pooled
+        """(sequence_output [B, S, H], pooled [CLS] output [B, P, H]) of any pre-training
+        batch: in the row layout, the pooler runs on each sequence's [CLS] (`cls_positions`)."""
+        rows = as_rows(batch)
+        hidden = encode_sequences(self.bert, rows["input_ids"], rows["sequence_ids"],
+                                  rows["segment_ids"], rows["position_ids"])
+        cls = rows["cls_positions"]
+        at_cls = torch.gather(hidden, 1, cls.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return hidden, self.bert.pooler.activation(self.bert.pooler.dense(at_cls))
 
     def forward(self, batch: Mapping[str, torch.Tensor], *,
                 mlm_normalizer: float | torch.Tensor | None = None,
                 nsp_normalizer: float | torch.Tensor | None = None) -> PretrainingOutput:
-        """Gathered-head training forward. Normalisers default to this batch's counts (means)."""
-        _check_batch(batch)
-        input_ids = batch["input_ids"]
+        """Gathered-head training forward of any pre-training batch (unpacked records are
+        read as packs of one). Normalisers default to this batch's counts (means)."""
+        rows = as_rows(batch)
+        _check_batch(rows)
+        input_ids = rows["input_ids"]
         batch_size, seq_len = input_ids.shape
         # Which slots carry a label: selecting them (a nonzero, one host sync on GPU) keeps
         # padding slots out of the decoder.
-        real = labelled_slots(batch)
-        mlm_labels = batch["masked_lm_ids"][real]
-
+        real = labelled_slots(rows)
+        mlm_labels = rows["masked_lm_ids"][real]
+        cls_rows = rows["cls_positions"]
         if self.sparse_last_layer:
-            # The last layer only at the rows the heads read: [CLS] (one per packed sequence)
-            # then every masked slot (padding slots too: fixed shapes; dropped below).
-            cls_rows = (batch["cls_positions"].reshape(batch_size, -1) if is_packed(batch)
-                        else torch.zeros_like(input_ids[:, :1]))
-            rows = torch.cat([cls_rows, batch["masked_lm_positions"]], dim=1)
-            at_rows = encode_rows(self.bert, batch, rows)
+            # The last layer only at the rows the heads read: each sequence's [CLS], then every
+            # masked slot (padding slots too: fixed shapes; dropped below).
+            at_rows = encode_rows(self.bert, rows,
+                                  torch.cat([cls_rows, rows["masked_lm_positions"]], dim=1))
             num_cls = cls_rows.shape[1]
             pooled = self.bert.pooler.activation(self.bert.pooler.dense(at_rows[:, :num_cls]))
-            if not is_packed(batch):
-                pooled = pooled[:, 0]
             hidden = at_rows[:, num_cls:][real]
         else:
-            sequence_output, pooled = self.encode(batch)
+            sequence_output, pooled = self.encode(rows)
             row_offset = torch.arange(batch_size, device=input_ids.device).unsqueeze(1) * seq_len
-            flat_index = (batch["masked_lm_positions"] + row_offset)[real]
+            flat_index = (rows["masked_lm_positions"] + row_offset)[real]
             # Advanced indexing, not index_select: on CPU (torch 2.13) index_select's backward
             # (a scatter_add) took 15 ms for 320 rows of 64 against 0.1 ms for indexing's.
             hidden = sequence_output.reshape(batch_size * seq_len, -1)[flat_index]
         head = self.cls.predictions
         hidden = head.transform(hidden)
         mlm_sum, mlm_correct = decoder_cross_entropy(hidden, head.decoder.weight, head.decoder.bias, mlm_labels)
-        nsp_logits = self.cls.seq_relationship(pooled)
-        nsp_labels = batch["next_sentence_labels"].reshape(-1)
-        if is_packed(batch):  # one NSP prediction per real sequence of each row
-            valid = batch["next_sentence_mask"].reshape(-1) > 0
-            nsp_logits, nsp_labels = nsp_logits.reshape(-1, nsp_logits.shape[-1])[valid], nsp_labels[valid]
-        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp_logits, nsp_labels, batch,
-                            mlm_normalizer, nsp_normalizer)
+        nsp_logits = self.cls.seq_relationship(pooled).reshape(-1, 2)
+        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp_logits,
+                            rows["next_sentence_labels"].reshape(-1),
+                            rows["next_sentence_mask"].reshape(-1) > 0,
+                            (rows["sequence_ids"] > 0).sum(), mlm_normalizer, nsp_normalizer)
 
     def reference_forward(self, batch: Mapping[str, torch.Tensor], *,
                           mlm_normalizer: float | torch.Tensor | None = None,
                           nsp_normalizer: float | torch.Tensor | None = None) -> PretrainingOutput:
         """The simple path: HF's full head over every position (S x vocab logits per sequence),
         labels -100 except at the labelled masked positions. Slow; for tests and checks."""
-        if is_packed(batch):
+        if not is_unpacked(batch):
             raise ValueError("reference_forward takes unpacked batches; compare a packed batch "
                              "with its sequences run one per row through forward")
-        _check_batch(batch)
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"pre-training batch lacks {missing}")
         input_ids = batch["input_ids"]
         real = labelled_slots(batch)
         labels = torch.full_like(input_ids, -100)
@@ -391,23 +371,24 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         mlm_correct = (mlm_logits.argmax(-1) == mlm_labels).sum()
         nsp_labels = batch["next_sentence_labels"].reshape(-1)
         return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), out.seq_relationship_logits,
-                            nsp_labels, batch, mlm_normalizer, nsp_normalizer)
+                            nsp_labels, torch.ones_like(nsp_labels, dtype=torch.bool),
+                            batch["input_mask"].sum(), mlm_normalizer, nsp_normalizer)
 
     @staticmethod
-    def _losses(mlm_sum, mlm_correct, num_masked, nsp_logits, nsp_labels, batch,
+    def _losses(mlm_sum, mlm_correct, num_masked, nsp_logits, nsp_labels, nsp_real, num_tokens,
                 mlm_normalizer, nsp_normalizer) -> PretrainingOutput:
         # Sums, then one division: the normaliser decides whether this is a batch mean or a
         # share of a larger step's mean (see module docstring). Cross-entropies run in fp32
-        # under autocast, so bf16/fp16 logits do not lose the loss's precision.
+        # under autocast, so bf16/fp16 logits do not lose the loss's precision. Empty NSP
+        # slots of packed rows are weighted out rather than selected: no host sync.
         num_masked = torch.tensor(num_masked, device=nsp_logits.device)
-        num_sequences = torch.tensor(nsp_labels.numel(), device=nsp_logits.device)
-        nsp_sum = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
+        num_sequences = nsp_real.sum()
+        nsp_each = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="none")
+        nsp_sum = torch.where(nsp_real, nsp_each, 0.0).sum()
         mlm_loss = mlm_sum / (num_masked.clamp(min=1) if mlm_normalizer is None else mlm_normalizer)
         nsp_loss = nsp_sum / (num_sequences.clamp(min=1) if nsp_normalizer is None else nsp_normalizer)
         with torch.no_grad():
-            nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
-            num_tokens = ((batch["sequence_ids"] > 0).sum() if is_packed(batch)
-                          else batch["input_mask"].sum())
+            nsp_correct = ((nsp_logits.argmax(-1) == nsp_labels) & nsp_real).sum()
         return PretrainingOutput(
             loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
             mlm_acc=mlm_correct / num_masked.clamp(min=1),

@@ -17,7 +17,7 @@ instead of values nobody reads. Two layouts (`layout`):
   FlashAttention's varlen kernel on CUDA). No padding slot at all.
 - "packs" (CPU bf16; CUDA fp32, where varlen has no kernel): rows packed up to 3 a row
   (SPFHP, the pre-training packer), packs cut to the longest one, the block-diagonal mask
-  (squad/packed.py); ~83-86% of the slots are real tokens at S 128.
+  (squad/forward.py); ~83-86% of the slots are real tokens at S 128.
 A single row is only trimmed to its length and run by the stock model. A row's logits are
 those of the stock model on the padded row (tests/test_serve_engine.py, both layouts, fp32
 within 1e-5). In process (mini BERT 256/4, S 128, rows of S/4..S real tokens, 2 threads,
@@ -38,11 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bertforge import rows
 from bertforge.data.packing import pack_lengths
 from bertforge.model.attention import VARLEN, implementation
 from bertforge.squad.data import SquadExample
 from bertforge.squad.features import WindowSpec, build_windows, pad_windows
-from bertforge.squad.packed import PackedQuestionAnswering
+from bertforge.squad.forward import QuestionAnsweringRows
 from bertforge.squad.postprocess import window_candidates
 
 # The `bert` model's logit at padding positions (attention_mask 0): no span can start or end
@@ -124,7 +125,7 @@ class QAEngine:
             model.config._attn_implementation = implementation("varlen")
         elif model.config._attn_implementation == VARLEN:
             model.config._attn_implementation = "sdpa"
-        self.packed_model = PackedQuestionAnswering(model).eval()
+        self.packed_model = QuestionAnsweringRows(model).eval()
 
     def check_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                    token_type_ids: np.ndarray) -> None:
@@ -196,26 +197,13 @@ class QAEngine:
         else:
             packs = [[int(real[k]) for k in pack] for pack in
                      pack_lengths(lengths[real], seq_len, MAX_ROWS_PER_PACK, "spfhp")]
-        width = max(int(lengths[pack].sum()) for pack in packs)
-        packed = {k: np.zeros((len(packs), width), dtype=np.int64)
-                  for k in ("input_ids", "sequence_ids", "segment_ids", "position_ids")}
-        placed = []  # (request row, pack row, offset, length)
-        for row, pack in enumerate(packs):
-            offset = 0
-            for slot, i in enumerate(pack, start=1):
-                n = int(lengths[i])
-                span = slice(offset, offset + n)
-                packed["input_ids"][row, span] = input_ids[i, :n]
-                packed["segment_ids"][row, span] = token_type_ids[i, :n]
-                packed["sequence_ids"][row, span] = slot
-                packed["position_ids"][row, span] = np.arange(n)
-                placed.append((i, row, offset, n))
-                offset += n
-        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in packed.items()}
+        placement = rows.place(lengths, packs)
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in
+                   rows.write_tokens(placement, input_ids, token_type_ids).items()}
         row_start, row_end = (t.float().cpu().numpy() for t in self.packed_model(**tensors))
-        for i, row, offset, n in placed:
-            start[i, :n] = row_start[row, offset:offset + n]
-            end[i, :n] = row_end[row, offset:offset + n]
+        for logits, out in ((row_start, start), (row_end, end)):
+            mine = rows.read_tokens(placement, logits, fill=PAD_LOGIT, width=seq_len)
+            out[real] = mine[real]
         return start, end
 
     def answer_many(self, questions: list[str], contexts: list[str]) -> list[Answer]:

@@ -1,9 +1,10 @@
 """`bertforge squad`: fine-tune BertForQuestionAnswering, predict, write the official files, score.
 
-Built from the pre-training engine's parts (train/): the same optimizer and parameter groups,
-LR schedule, Precision (bf16/fp16 autocast, loss scaling), DDP wrapping with no_sync
-accumulation, atomic self-describing step checkpoints with exact resume, and the metrics log
-(JSON lines + TensorBoard, optional wandb). Only what is SQuAD's own lives here.
+A task on the training engine (train/engine.py), which pre-training runs on too: the same
+optimizer and parameter groups, LR schedule, Precision (bf16/fp16 autocast, loss scaling), DDP
+with no_sync accumulation, atomic self-describing step checkpoints with exact resume, the
+metrics log (JSON lines + TensorBoard, optional wandb) and step line. Only what is SQuAD's own
+lives here: the model and tokenizer, the windows and their order, the span loss, validation.
 
 Model: BertForQuestionAnswering from --checkpoint-input-dir (a bertforge pre-training step or
 run directory, any Hugging Face BERT directory, or a hub name); the QA head is new unless the
@@ -20,12 +21,12 @@ windows / G) unless --training-steps is given.
 Loss: mean over the global batch of (CE(start) + CE(end)) / 2, the softmax taken over a
 window's real tokens (padding logits masked). The reference let padded positions into the
 softmax; masking them makes the loss independent of the batch layout (padded to 384, to the
-longest window, or packed) at no cost. Rows are padded to the batch's longest window, or to
---sequence-length with --compile so the graph is compiled once. SQuAD-shaped windows average
-193 real tokens (50% of 384) but 3% are full, so padding to the longest saves only 4-10% of
-token slots at micro-batch 32-16. With --packed-data each micro-batch's windows are packed
-up to 3 per row instead (squad/packed.py: block-diagonal attention, each window's softmax over
-its own tokens), which removes most of the rest; the loss is the same, window for window.
+longest window, or packed) at no cost. Windows go through the model in the row layout
+(squad/forward.py): one per row, padded to the batch's longest window (or to --sequence-length
+with --compile so the graph is compiled once), or with --packed-data up to 3 per row.
+SQuAD-shaped windows average 193 real tokens (50% of 384) but 3% are full, so padding to the
+longest saves only 4-10% of token slots at micro-batch 32-16; packing removes most of the
+rest. The loss is the same, window for window, in every layout.
 
 Validation runs on rank 0 after training: logits per window, post-processing, predictions.json
 / nbest_predictions.json / null_odds.json, and the official metric; for SQuAD 2.0 the result
@@ -35,12 +36,10 @@ includes the best null-score threshold found on that set (rerun with it as
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,40 +48,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bertforge.model.attention import check_varlen, implementation
+from bertforge.model.attention import implementation
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import SquadSet, load_split, skipped_line
-from bertforge.squad.features import Window, WindowSpec, build_windows, pad_windows
+from bertforge.squad.features import Window, WindowSpec, build_windows
+from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, predict_logits,
+                                     run_rows, to_device, window_logits, window_rows)
 from bertforge.squad.metric import evaluate_v1, evaluate_v2
-from bertforge.squad.packed import (PackedQuestionAnswering, pack_windows, packed_tensors,
-                                    predict_logits_packed, run_packed, window_logits)
 from bertforge.squad.postprocess import postprocess
-from bertforge.train import checkpoint as ckpt
-from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, init_distributed,
-                                         shutdown, sync_gradients, wrap_model)
+from bertforge.train.distributed import DistContext, barrier, init_distributed, shutdown
+from bertforge.train.engine import Engine, TrainResult
 from bertforge.train.metrics import MetricsLogger
-from bertforge.train.optim import build_optimizer
-from bertforge.train.precision import Precision
-from bertforge.train.runtime import configure_compile_cache, default_run_dir, seed_everything
-from bertforge.train.schedule import build_scheduler
+from bertforge.train.task import Task
 
 log = logging.getLogger("bertforge")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 @dataclass
-class SquadResult:
-    run_dir: Path
-    final_checkpoint: Path | None = None
-    steps: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    eval: dict[str, float] | None = None
+class SquadResult(TrainResult):
     files: dict[str, Path] = field(default_factory=dict)
     summaries: list[str] = field(default_factory=list)
-
-    def last_mean(self, key: str, n: int = 10) -> float:
-        values = [h[key] for h in self.history[-n:]]
-        return sum(values) / max(1, len(values))
 
 
 # ---------------------------------------------------------------- model and tokenizer
@@ -155,101 +141,41 @@ def step_indices(num_windows: int, global_batch: int, seed: int, start_step: int
         step += 1
 
 
-def to_tensors(windows: Sequence[Window], device: torch.device, pad_to: int | None = None,
-               pad_id: int = 0) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(device) for k, v in
-            pad_windows(windows, pad_to=pad_to, pad_id=pad_id).items()}
+# ---------------------------------------------------------------- the task
+class SquadTask(Task):
+    """Fine-tuning on SQuAD windows: span loss over each window's own tokens."""
 
+    name = "squad"
 
-def masked_logits(out: Any, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start/end logits in fp32 with padding at the dtype's minimum (out of every softmax)."""
-    pad = attention_mask == 0
-    low = torch.finfo(torch.float32).min
-    return (out.start_logits.float().masked_fill(pad, low),
-            out.end_logits.float().masked_fill(pad, low))
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, windows: Sequence[Window], *, batch_size: int,
-                   device: torch.device, precision: Precision | None = None,
-                   pad_to: int | None = None, pad_id: int = 0, progress: bool = False
-                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-window start/end logits (each trimmed to its window's length), in window order."""
-    from bertforge.data.stage import progress as bar
-    model.eval()
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
-    for lo in bar(range(0, len(windows), batch_size), desc="squad predict", unit="batch",
-                  disable=None if progress else True):
-        chunk = windows[lo:lo + batch_size]
-        batch = to_tensors(chunk, device, pad_to=pad_to, pad_id=pad_id)
-        with precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        token_type_ids=batch["token_type_ids"])
-        s, e = (t.float().cpu().numpy() for t in (out.start_logits, out.end_logits))
-        for row, w in enumerate(chunk):
-            starts.append(s[row, :len(w)].copy())
-            ends.append(e[row, :len(w)].copy())
-    return starts, ends
-
-
-# ---------------------------------------------------------------- the run
-class SquadTrainer:
-    """Holds the run's objects; `run()` trains (if asked) and validates (if asked)."""
-
-    def __init__(self, cfg: SquadConfig, ctx: DistContext):
-        import transformers
-
-        self.cfg, self.ctx = cfg, ctx
-        t, c, s = cfg.train, cfg.checkpoint, cfg.squad
-        configure_compile_cache(t.executable_cache_dir)
-        transformers.utils.logging.disable_progress_bar()
-        seed_everything(t.random_seed)
-        self.source = ckpt.resolve_checkpoint(c.checkpoint_input_dir) \
-            if c.checkpoint_input_dir else None
-        self.state = None
-        if c.resume_training_from_checkpoint:
-            self.state = ckpt.load_training_state(Path(self.source))
-        if c.checkpoint_output_dir:
-            self.run_dir = Path(c.checkpoint_output_dir)
-        elif self.state is not None:
-            self.run_dir = Path(self.source).parent
-        else:
-            self.run_dir = default_run_dir(cfg.config, recipe="squad")
-        if ctx.is_main:
-            if s.squad_do_training:
-                ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.run_dir / "tokenizer").exists():
-                write_tokenizer(self.run_dir / "tokenizer", self.source, cfg.data.tokenizer)
-        barrier(ctx)
-        self.tokenizer_dir = self.run_dir / "tokenizer"
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        self.model = build_qa_model(self.source, cfg.model,
-                                    need_trained_head=not s.squad_do_training).to(ctx.device)
-        if self.source is not None:
-            # The checkpoint decides the shape: record it in the run config that gets saved.
-            for f in dataclasses.fields(cfg.model):
-                if hasattr(self.model.config, f.name) and f.name != "attn_implementation":
-                    setattr(cfg.model, f.name, getattr(self.model.config, f.name))
-        if len(self.tokenizer) > self.model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
-                             f"vocab_size is {self.model.config.vocab_size}; give the tokenizer "
-                             "the model was pre-trained with (--tokenizer)")
-        if cfg.model.activation_checkpointing:
-            from bertforge.model.bert import enable_activation_checkpointing
-            enable_activation_checkpointing(self.model)
-        if cfg.model.attn_implementation == "varlen":
-            check_varlen(ctx.device, t.precision, self.model.config.attention_probs_dropout_prob,
-                         training=s.squad_do_training)
-        self.precision = Precision(t.precision, ctx.device, auto_loss_scaling=t.auto_loss_scaling,
-                                   loss_scaling=t.loss_scaling)
+    def __init__(self, cfg: SquadConfig):
+        self.cfg = cfg
+        self.trains = cfg.squad.squad_do_training
         self.spec = WindowSpec(cfg.data.sequence_length, cfg.data.doc_stride,
                                cfg.data.max_query_length)
-        self.pad_id = self.tokenizer.pad_token_id or 0
 
-    # ------------------------------------------------------------ data
-    def windows(self, training: bool) -> tuple[SquadSet, list[Window]]:
+    def build_model(self, engine: Engine):
+        import transformers
+
+        cfg, ctx = self.cfg, engine.ctx
+        if ctx.is_main:
+            engine.run_dir.mkdir(parents=True, exist_ok=True)
+            if not (engine.run_dir / "tokenizer").exists():
+                write_tokenizer(engine.run_dir / "tokenizer", engine.source, cfg.data.tokenizer)
+        barrier(ctx)
+        engine.tokenizer_dir = engine.run_dir / "tokenizer"
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(engine.tokenizer_dir)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        model = build_qa_model(engine.source, cfg.model, need_trained_head=not self.trains)
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
+                             f"vocab_size is {model.config.vocab_size}; give the tokenizer "
+                             "the model was pre-trained with (--tokenizer)")
+        return model
+
+    def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return QuestionAnsweringRows(model)
+
+    def windows(self, engine: Engine, training: bool) -> tuple[SquadSet, list[Window]]:
         dataset = load_split(self.cfg.data, training=training)
         start = time.perf_counter()
         windows = build_windows(dataset.examples, self.tokenizer, self.spec, is_training=training,
@@ -259,134 +185,74 @@ class SquadTrainer:
         if training:
             dataset.summary.counts["answer outside window ([CLS])"] = sum(
                 w.start_position == 0 for w in windows)
-        if self.ctx.is_main:
+        if engine.ctx.is_main:
             detail = skipped_line(dataset)
             log.info("%s%s (windows in %.1f s)", dataset.summary.line(),
                      f" [{detail}]" if detail else "", elapsed)
         return dataset, windows
 
-    # ------------------------------------------------------------ training
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], per_rank: int
-                   ) -> dict[str, float]:
-        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
-        for i, batch in enumerate(micro_batches):
-            with sync_gradients(self.ddp_model, i == len(micro_batches) - 1), \
-                    self.precision.autocast():
-                if "sequence_ids" in batch:  # packed rows: one row of logits per window
-                    row_start, row_end = run_packed(self.forward, batch)
-                else:
-                    out = self.forward(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"],
-                                       token_type_ids=batch["token_type_ids"])
-            if "sequence_ids" in batch:
-                start, end = window_logits(row_start, batch), window_logits(row_end, batch)
-            else:
-                start, end = masked_logits(out, batch["attention_mask"])
-            ce = (F.cross_entropy(start, batch["start_positions"], reduction="sum")
-                  + F.cross_entropy(end, batch["end_positions"], reduction="sum")) / 2
-            # Each rank divides by its share; DDP's average over ranks makes it the global mean.
-            self.precision.backward(ce / per_rank)
-            exact = ((start.argmax(-1) == batch["start_positions"])
-                     & (end.argmax(-1) == batch["end_positions"])).sum()
-            totals += torch.stack([ce.detach(), exact.to(ce.dtype),
-                                   torch.tensor(float(len(start)), device=ce.device)]).double()
-        self.precision.step(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        loss_sum, exact, n = all_reduce_sum(totals, self.ctx).tolist()
-        return {"loss": loss_sum / n, "span_acc": exact / n, "lr": lr, "samples": n}
+    def prepare(self, engine: Engine) -> int:
+        dataset, self.train_windows = self.windows(engine, training=True)
+        self.summaries = [dataset.summary.line()]
+        return self.cfg.steps_for(len(self.train_windows))
 
-    def micro_batch(self, chunk: list[Window], pad_to: int | None) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch: padded rows, or with --packed-data its windows packed."""
-        if not self.cfg.data.packed_data:
-            return to_tensors(chunk, self.ctx.device, pad_to=pad_to, pad_id=self.pad_id)
-        packs = pack_windows(chunk, self.cfg.data.sequence_length)
-        return packed_tensors(chunk, packs, self.ctx.device, pad_to=pad_to, pad_id=self.pad_id)
-
-    def save(self, step: int, metrics: dict[str, float]) -> Path | None:
-        path = None
-        if self.ctx.is_main:
-            state = {"step": step, "consumed_batches": step,
-                     "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(),
-                     "precision": self.precision.state_dict(), "rng": ckpt.rng_state(),
-                     "metrics": metrics, "world_size": self.ctx.world_size}
-            path = ckpt.save_checkpoint(self.run_dir, step, self.model, state, self.cfg.to_dict(),
-                                        tokenizer_dir=self.tokenizer_dir)
-            log.info("saved checkpoint %s", path)
-        barrier(self.ctx)
-        return path
-
-    def train(self, result: SquadResult, logger: MetricsLogger | None) -> None:
-        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
-        dataset, windows = self.windows(training=True)
-        result.summaries.append(dataset.summary.line())
-        steps = cfg.steps_for(len(windows))
-        t.training_steps = steps  # the saved config names the schedule that ran
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim.lr_schedule, cfg.optim.lr_warmup,
-                                         steps)
-        start_step = 0
-        if self.state is not None:
-            self.optimizer.load_state_dict(self.state["optimizer"])
-            self.scheduler.load_state_dict(self.state["scheduler"])
-            self.precision.load_state_dict(self.state["precision"])
-            start_step = int(self.state["step"])
-            ckpt.set_rng_state(self.state["rng"])
-        packed = cfg.data.packed_data
-        self.ddp_model = wrap_model(PackedQuestionAnswering(self.model) if packed else self.model,
-                                    ctx)
-        self.forward = torch.compile(self.ddp_model) if t.compile else self.ddp_model
-        pad_to = cfg.data.sequence_length if t.compile else None
+    def step_batches(self, engine: Engine, start_step: int, consumed_batches: int
+                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Step s: global-batch window s of the seeded epoch permutations; this rank's slice
+        as micro-batches of window rows (packed with --packed-data, else one per row, padded
+        to --sequence-length under --compile so the graph is compiled once)."""
+        t, ctx = self.cfg.train, engine.ctx
         per_rank = t.micro_batch_size * t.gradient_accumulation
-        if ctx.is_main:
-            (self.run_dir / ckpt.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-        from bertforge.data.stage import progress
-        bar = progress(range(start_step, steps), total=steps, desc="squad", unit="step",
-                       disable=t.disable_progress_bar or not ctx.is_main)
-        bar.update(start_step)
-        stream = step_indices(len(windows), t.global_batch_size, t.random_seed, start_step)
-        self.model.train()
-        metrics: dict[str, float] = {}
-        for step in bar:
-            begin = time.perf_counter()
-            mine = next(stream)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-            micro = [self.micro_batch([windows[k] for k in mine[i:i + t.micro_batch_size]],
-                                      pad_to)
-                     for i in range(0, per_rank, t.micro_batch_size)]
-            metrics = self.train_step(micro, per_rank)
-            metrics["samples_per_s"] = metrics["samples"] / (time.perf_counter() - begin)
-            result.history.append(metrics)
-            if ctx.is_main:
-                logger.log(step, metrics)
-                if t.disable_progress_bar:
-                    print(f"Step: {step} / {steps - 1} - LR: {metrics['lr']:.3e} - loss: "
-                          f"{metrics['loss']:.4f} - span_acc: {metrics['span_acc']:.3f} "
-                          f"throughput: {metrics['samples_per_s']:.1f} samples/sec", flush=True)
-                else:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                    sps=f"{metrics['samples_per_s']:.0f}")
-            done = step + 1
-            every = cfg.checkpoint.checkpoint_steps
-            if every and done % every == 0 and done < steps:
-                self.save(done, metrics)
-        result.steps = steps
-        result.final_checkpoint = self.save(steps, metrics)
+        pad_to = self.cfg.data.sequence_length if t.compile else None
+        windows = self.train_windows
+        for indices in step_indices(len(windows), t.global_batch_size, t.random_seed, start_step):
+            mine = indices[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+            yield [self.micro_batch([windows[k] for k in mine[i:i + t.micro_batch_size]],
+                                    pad_to, ctx.device)
+                   for i in range(0, per_rank, t.micro_batch_size)]
+
+    def micro_batch(self, chunk: list[Window], pad_to: int | None, device: torch.device
+                    ) -> dict[str, torch.Tensor]:
+        packs = pack_windows(chunk, self.cfg.data.sequence_length) \
+            if self.cfg.data.packed_data else None
+        return to_device(window_rows(chunk, packs, pad_to=pad_to, pad_id=self.pad_id), device)
+
+    def normalizers(self, micro_batches, ctx: DistContext) -> float:
+        # Every rank holds the same number of windows: dividing by its own share, DDP's
+        # average over ranks makes the loss the global mean.
+        t = self.cfg.train
+        return float(t.micro_batch_size * t.gradient_accumulation)
+
+    def loss(self, forward, batch, norms):
+        row_start, row_end = run_rows(forward, batch)
+        start, end = window_logits(row_start, batch), window_logits(row_end, batch)
+        ce = (F.cross_entropy(start, batch["start_positions"], reduction="sum")
+              + F.cross_entropy(end, batch["end_positions"], reduction="sum")) / 2
+        exact = ((start.argmax(-1) == batch["start_positions"])
+                 & (end.argmax(-1) == batch["end_positions"])).sum()
+        stats = torch.stack([ce.detach(), exact.to(ce.dtype),
+                             torch.tensor(float(len(start)), device=ce.device)])
+        return ce / (norms if norms is not None else len(start)), stats
+
+    def metrics(self, totals: list[float], world_size: int) -> dict[str, float]:
+        loss_sum, exact, n = totals
+        return {"loss": loss_sum / n, "span_acc": exact / n, "sequences": n}
+
+    def step_fields(self, m: dict[str, float], short: bool = False) -> dict[str, str]:
+        return {"loss": f"{m['loss']:.4f}", "span_acc": f"{m['span_acc']:.3f}"}
 
     # ------------------------------------------------------------ validation
-    def validate(self, result: SquadResult, logger: MetricsLogger | None) -> None:
+    def validate(self, engine: Engine, result: SquadResult, logger: MetricsLogger | None) -> None:
+        """Predict the validation windows, write the official files, score (rank 0)."""
         cfg, s = self.cfg, self.cfg.squad
-        dataset, windows = self.windows(training=False)
+        dataset, windows = self.windows(engine, training=False)
         result.summaries.append(dataset.summary.line())
         begin = time.perf_counter()
-        predict = predict_logits
-        if cfg.data.packed_data:  # same logits per window, from packed rows
-            predict = functools.partial(predict_logits_packed,
-                                        sequence_length=cfg.data.sequence_length)
-        starts, ends = predict(self.model, windows, batch_size=s.eval_batch_size,
-                               device=self.ctx.device, precision=self.precision,
-                               pad_id=self.pad_id, progress=not cfg.train.disable_progress_bar)
+        starts, ends = predict_logits(
+            engine.model, windows, batch_size=s.eval_batch_size, device=engine.ctx.device,
+            precision=engine.precision, pad_id=self.pad_id,
+            packed_length=cfg.data.sequence_length if cfg.data.packed_data else None,
+            progress=not cfg.train.disable_progress_bar)
         elapsed = time.perf_counter() - begin
         log.info("predicted %d windows in %.1f s (%.1f windows/s)", len(windows), elapsed,
                  len(windows) / max(elapsed, 1e-9))
@@ -394,43 +260,39 @@ class SquadTrainer:
                                   n_best_size=s.n_best_size, max_answer_length=s.max_answer_length,
                                   squad_v2=cfg.data.squad_v2,
                                   null_score_diff_threshold=s.null_score_diff_threshold)
-        result.files.update(predictions.write(self.run_dir))
+        result.files.update(predictions.write(engine.run_dir))
         if cfg.data.squad_v2:
             scores = evaluate_v2(dataset.articles, predictions.answers, predictions.null_odds)
         else:
             scores = evaluate_v1(dataset.articles, predictions.answers)
         result.eval = scores
-        path = self.run_dir / "eval_results.json"
+        path = engine.run_dir / "eval_results.json"
         path.write_text(json.dumps(scores, indent=2) + "\n")
         result.files["eval"] = path
         if logger is not None:
             logger.log(result.steps, {k: float(v) for k, v in scores.items()}, prefix="eval")
-
-    def run(self) -> SquadResult:
-        cfg, ctx = self.cfg, self.ctx
-        result = SquadResult(run_dir=self.run_dir)
-        logger = None
-        if ctx.is_main:
-            t = cfg.train
-            logger = MetricsLogger(self.run_dir, resume=self.state is not None,
-                                   wandb_project=t.wandb_project if t.wandb else None,
-                                   wandb_config=cfg.to_dict())
-        try:
-            if cfg.squad.squad_do_training:
-                self.train(result, logger)
-            if cfg.squad.squad_do_validation and ctx.is_main:
-                self.validate(result, logger)
-            barrier(ctx)
-        finally:
-            if logger is not None:
-                logger.close()
-        return result
 
 
 def squad(cfg: SquadConfig) -> SquadResult:
     """Resolve `cfg` for this process group and run it; the entry point of `bertforge squad`."""
     ctx = init_distributed(cfg.train.device)
     try:
-        return SquadTrainer(cfg.resolve(ctx.world_size), ctx).run()
+        cfg = cfg.resolve(ctx.world_size)
+        task = SquadTask(cfg)
+        engine = Engine(cfg, ctx, task)
+        result = SquadResult(run_dir=engine.run_dir)
+        logger = engine.open_logger()
+        try:
+            if cfg.squad.squad_do_training:
+                engine.train(result, logger)
+                result.summaries.extend(task.summaries)
+            if cfg.squad.squad_do_validation and ctx.is_main:
+                engine.model.eval()
+                task.validate(engine, result, logger)
+            barrier(ctx)
+        finally:
+            if logger is not None:
+                logger.close()
+        return result
     finally:
         shutdown(ctx)

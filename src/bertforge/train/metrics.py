@@ -18,13 +18,15 @@ from typing import Any
 log = logging.getLogger("bertforge")
 
 
-def format_step_line(step: int, total_steps: int, m: dict[str, float]) -> str:
-    """`Step: s / T-1 - LR: ... - nsp_acc: x % throughput: X samples/sec` (reference format)."""
-    return (f"Step: {step} / {total_steps - 1} - LR: {m['lr']:.3e} - total loss: {m['loss']:.3f}"
-            f" - mlm_loss: {m['mlm_loss']:.3f} - nsp_loss: {m['nsp_loss']:.3f}"
-            f" - mlm_acc: {m['mlm_acc']:.3f} % - nsp_acc: {m['nsp_acc']:.3f} %"
+def format_step_line(step: int, total_steps: int, m: dict[str, float],
+                     fields: dict[str, str]) -> str:
+    """`Step: s / T-1 - LR: ... - <task fields> throughput: X samples/sec - ...`: the
+    reference's line for every recipe; `fields` are the task's (label -> formatted value)."""
+    task = "".join(f" - {label}: {value}" for label, value in fields.items())
+    return (f"Step: {step} / {total_steps - 1} - LR: {m['lr']:.3e}{task}"
             f" throughput: {m['samples_per_s']:.1f} samples/sec"
-            f" - real tokens/s: {m['real_tokens_per_s']:.0f}"
+            + (f" - real tokens/s: {m['real_tokens_per_s']:.0f}" if "real_tokens_per_s" in m
+               else "")
             + (f" - wall: {m['wall_s']:.1f} s" if "wall_s" in m else ""))
 
 

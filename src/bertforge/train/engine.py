@@ -1,0 +1,297 @@
+"""The one training engine behind `bertforge pretrain` and `bertforge squad`.
+
+A recipe is a small task object (train/task.py: model, batches, loss, evaluation); the engine
+owns everything else, once: process and device set-up, seeding, the run directory, checkpoint
+load / save / exact resume, precision and loss scaling, optimizer and schedule, the step
+(gradient accumulation with exact global normalisers, DDP no_sync until the last micro-batch),
+the metrics log, the progress bar or step line, and the checkpoint and evaluation cadence.
+
+One optimizer step = `gradient_accumulation` micro-batches per process x world size. The
+task computes the step's loss normalisers from all of the step's micro-batches first (an
+all-reduce when they depend on the data), so the summed micro-batch losses are exactly the
+mean over the whole step: k accumulated micro-batches, or N DDP ranks, give the update of one
+big batch (tests check both for both recipes).
+
+Exact resume: a checkpoint after step s holds the optimizer, schedule, grad scaler, the RNG
+states and the number of micro-batches consumed; the task restarts its batches there, so 2N
+steps in one go and N + resume + N give identical losses and weights on CPU.
+
+Costs beyond the task's own work: one small all-reduce of the step's statistics per step and
+whatever the task's normalisers need (pre-training: two scalars), negligible next to the
+gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bertforge.model.attention import check_varlen
+from bertforge.train import checkpoint as ckpt
+from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, sync_gradients,
+                                         wrap_model)
+from bertforge.train.metrics import MetricsLogger, format_step_line
+from bertforge.train.optim import build_optimizer
+from bertforge.train.precision import Precision
+from bertforge.train.runtime import configure_compile_cache, default_run_dir, seed_everything
+from bertforge.train.task import Task
+
+log = logging.getLogger("bertforge")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_checkpoint: Path | None = None
+    steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics
+    eval: dict[str, float] | None = None
+    # A task's target (pre-training: --target-mlm-accuracy) reached: {step, samples, wall_s,
+    # train_s, <metric>, eval: the evaluation's metrics}
+    target_reached: dict[str, Any] | None = None
+
+    def last_mean(self, key: str, n: int = 10) -> float:
+        values = [h[key] for h in self.history[-n:]]
+        return sum(values) / max(1, len(values))
+
+
+class Engine:
+    """Holds a run's objects; `train()` runs the task's steps. Built on every rank; rank 0
+    alone writes the run directory."""
+
+    def __init__(self, cfg: Any, ctx: DistContext, task: Task):
+        import transformers
+
+        self.cfg, self.ctx, self.task = cfg, ctx, task
+        t, c = cfg.train, cfg.checkpoint
+        configure_compile_cache(t.executable_cache_dir)
+        transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per save
+        seed_everything(t.random_seed)
+        self.source = ckpt.resolve_checkpoint(c.checkpoint_input_dir) \
+            if c.checkpoint_input_dir else None
+        self.state: dict[str, Any] | None = None
+        if c.resume_training_from_checkpoint:
+            self.state = ckpt.load_training_state(Path(self.source))
+        if c.checkpoint_output_dir:
+            self.run_dir = Path(c.checkpoint_output_dir)
+        elif self.state is not None:
+            self.run_dir = Path(self.source).parent
+        else:
+            self.run_dir = default_run_dir(cfg.config, recipe=task.name)
+        if ctx.is_main and task.trains:
+            ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)
+        self.model = task.build_model(self)
+        if self.source is not None:
+            # The checkpoint decides the shape: record it in the run config that gets saved.
+            for f in dataclasses.fields(cfg.model):
+                if hasattr(self.model.config, f.name) and f.name != "attn_implementation":
+                    setattr(cfg.model, f.name, getattr(self.model.config, f.name))
+        if cfg.model.activation_checkpointing:
+            from bertforge.model.bert import enable_activation_checkpointing
+            enable_activation_checkpointing(self.model)
+        if cfg.model.attn_implementation == "varlen":
+            check_varlen(ctx.device, t.precision, self.model.config.attention_probs_dropout_prob,
+                         training=task.trains)
+        self.model = self.model.to(ctx.device)
+        self.precision = Precision(t.precision, ctx.device, auto_loss_scaling=t.auto_loss_scaling,
+                                   loss_scaling=t.loss_scaling)
+        self.tokenizer_dir: Path | None = None
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, step: int, consumed_batches: int, metrics: dict[str, float]) -> Path | None:
+        """Checkpoint `step` (rank 0 writes, every rank waits); its path on rank 0."""
+        path = None
+        if self.ctx.is_main:
+            state = {"step": step, "consumed_batches": consumed_batches,
+                     "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(),
+                     "precision": self.precision.state_dict(),
+                     "rng": ckpt.rng_state(), "metrics": metrics,
+                     "world_size": self.ctx.world_size}
+            path = ckpt.save_checkpoint(self.run_dir, step, self.model, state, self.cfg.to_dict(),
+                                        tokenizer_dir=self.tokenizer_dir)
+            log.info("saved checkpoint %s", path)
+        barrier(self.ctx)
+        return path
+
+    # ------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over the step's micro-batches; the step's metrics (all ranks)."""
+        norms = self.task.normalizers(micro_batches, self.ctx)
+        totals = None
+        for i, batch in enumerate(micro_batches):
+            with sync_gradients(self.ddp_model, i == len(micro_batches) - 1), \
+                    self.precision.autocast():
+                loss, stats = self.task.loss(self.forward, batch, norms)
+            self.precision.backward(loss)
+            stats = stats.detach().to(torch.float64)
+            totals = stats if totals is None else totals + stats
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        metrics = self.task.metrics(all_reduce_sum(totals, self.ctx).tolist(), self.ctx.world_size)
+        return {"lr": lr, **metrics}
+
+    def compile_only(self) -> TrainResult:
+        """Compile forward+backward on one synthetic micro-batch (fills --executable-cache-dir)."""
+        self._build_optimizer(self.cfg.train.training_steps)
+        batch = self.task.synthetic_batch(self.ctx.device)
+        start = time.perf_counter()
+        with self.precision.autocast():
+            loss, _ = self.task.loss(self.forward, batch, None)
+        self.precision.backward(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ctx.is_main:
+            print(f"compile-only: compiled forward+backward in {time.perf_counter() - start:.1f} s"
+                  f" (cache: {self.cfg.train.executable_cache_dir or 'none'})")
+        return TrainResult(run_dir=self.run_dir)
+
+    def _build_optimizer(self, steps: int) -> None:
+        from bertforge.train.schedule import build_scheduler
+        o = self.cfg.optim
+        self.optimizer = build_optimizer(self.model, o)
+        self.scheduler = build_scheduler(self.optimizer, o.lr_schedule, o.lr_warmup, steps)
+        self.ddp_model = wrap_model(self.task.training_module(self.model), self.ctx)
+        self.forward = torch.compile(self.ddp_model) if self.cfg.train.compile else self.ddp_model
+
+    # ------------------------------------------------------------ the run
+    def train(self, result: TrainResult, logger: MetricsLogger | None) -> TrainResult:
+        """The task's training steps, checkpoints and evaluations, into `result`."""
+        cfg, ctx, t, task = self.cfg, self.ctx, self.cfg.train, self.task
+        steps = task.prepare(self)  # may read data to know the step count
+        t.training_steps = steps  # the saved config names the schedule that ran
+        self._build_optimizer(steps)
+        start_step, consumed = 0, 0
+        metrics: dict[str, float] = {}
+        if self.state is not None:
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.scheduler.load_state_dict(self.state["scheduler"])
+            self.precision.load_state_dict(self.state["precision"])
+            start_step = int(self.state["step"])
+            consumed = int(self.state["consumed_batches"])
+            metrics = dict(self.state["metrics"])
+        if ctx.is_main:
+            (self.run_dir / ckpt.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+        batches = task.step_batches(self, start_step, consumed)
+        if self.state is not None:
+            ckpt.set_rng_state(self.state["rng"])  # after building everything that draws
+        if start_step == 0 and task.checkpoint_at_start:
+            self.save(0, consumed, metrics)
+        # Wall clock since the run began (evaluations and checkpoints included, as MLPerf counts
+        # time to train) and time in training steps alone; a resumed run continues both.
+        clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
+                       metrics.get("samples", 0.0))
+        saved_step = None  # the step of the last periodic checkpoint
+        from bertforge.data.stage import progress
+        bar = progress(range(start_step, steps), total=steps, desc=task.name, unit="step",
+                       disable=t.disable_progress_bar or not ctx.is_main)
+        bar.update(start_step)
+        self.model.train()
+        done = start_step
+        for step in bar:
+            begin = time.perf_counter()
+            micro = next(batches)
+            metrics = self.train_step(micro)
+            consumed += len(micro)
+            elapsed = time.perf_counter() - begin
+            # "sequences": this step's (task metric); "samples": since the run began (clock).
+            metrics["samples_per_s"] = metrics["sequences"] / elapsed
+            if "real_tokens" in metrics:
+                metrics["real_tokens_per_s"] = metrics["real_tokens"] / elapsed
+            metrics.update(clock.step(elapsed, metrics["sequences"]))
+            result.history.append(metrics)
+            if ctx.is_main:
+                logger.log(step, metrics)
+                if t.disable_progress_bar:
+                    print(format_step_line(step, steps, metrics, task.step_fields(metrics)),
+                          flush=True)
+                else:
+                    bar.set_postfix(**task.step_fields(metrics, short=True),
+                                    sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
+            done = step + 1
+            every = cfg.checkpoint.checkpoint_steps
+            if every and done % every == 0 and done < steps:
+                result.final_checkpoint, saved_step = self.save(done, consumed, metrics), done
+            if task.eval_every and done % task.eval_every == 0 and done < steps:
+                ev = self._evaluate(done, clock, logger)
+                if ev is not None and task.target_met(ev):
+                    result.target_reached = self._report_target(done, ev)
+                    break
+        result.steps = done
+        if saved_step != done:  # a target reached at a checkpoint step is saved already
+            result.final_checkpoint = self.save(done, consumed, metrics)
+        if result.target_reached is not None:
+            result.eval = result.target_reached["eval"]
+            return result
+        result.eval = self._evaluate(done, clock, logger)
+        if result.eval is not None and task.target is not None:
+            if task.target_met(result.eval):
+                result.target_reached = self._report_target(done, result.eval)
+            elif ctx.is_main:
+                name, value = task.target
+                print(f"target {name} {value} not reached in {done} steps: held-out {name} "
+                      f"{result.eval[name]:.4f}", flush=True)
+        return result
+
+    def open_logger(self) -> MetricsLogger | None:
+        """The metrics log of the run directory (rank 0; appended to when resuming)."""
+        if not self.ctx.is_main:
+            return None
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return MetricsLogger(self.run_dir, resume=self.state is not None,
+                             wandb_project=t.wandb_project if t.wandb else None,
+                             wandb_config=self.cfg.to_dict())
+
+    def _evaluate(self, step: int, clock: _Clock, logger: MetricsLogger | None
+                  ) -> dict[str, float] | None:
+        """The task's held-out metrics at `step`, logged with the clock (its time counts as
+        wall time)."""
+        self.model.eval()
+        with torch.no_grad():
+            ev = self.task.evaluate(self)
+        self.model.train()
+        if ev is None:
+            return None
+        ev.update(clock.evaluated())
+        if self.ctx.is_main:
+            logger.log(step, ev, prefix="eval")
+            log.info("eval at step %d: %s", step, ev)
+        return ev
+
+    def _report_target(self, step: int, ev: dict[str, float]) -> dict[str, Any]:
+        """The task's target reached: one line with what it took (printed on rank 0)."""
+        name, value = self.task.target
+        reached = {"step": step, "samples": ev["samples"], "wall_s": ev["wall_s"],
+                   "train_s": ev["train_s"], name: ev[name], "eval": ev}
+        if self.ctx.is_main:
+            print(f"target {name} {value} reached at step {step}: held-out {name} "
+                  f"{ev[name]:.4f} after {int(ev['samples']):,} samples, "
+                  f"{ev['wall_s']:.1f} s wall ({ev['train_s']:.1f} s in training steps)",
+                  flush=True)
+        return reached
+
+
+class _Clock:
+    """Wall time, time in training steps, and samples since the run began (across resumes)."""
+
+    def __init__(self, wall_s: float, train_s: float, samples: float):
+        self._origin = time.perf_counter() - wall_s
+        self.train_s, self.samples = train_s, samples
+
+    def step(self, seconds: float, samples: float) -> dict[str, float]:
+        self.train_s += seconds
+        self.samples += samples
+        return self.evaluated()
+
+    def evaluated(self) -> dict[str, float]:
+        return {"wall_s": time.perf_counter() - self._origin, "train_s": self.train_s,
+                "samples": self.samples}

@@ -1,0 +1,215 @@
+"""`bertforge pretrain`: the MLM + NSP task on the training engine (train/engine.py).
+
+What is pre-training's own: the model (GatheredBertForPreTraining, new or from a checkpoint,
+its MLM bias at the data's unigram prior), the batches (TFRecord shards, packed or not, or
+random data; train/sources.py), the loss normalisers (the step's labelled MLM positions and
+sequences, all-reduced over ranks, so accumulation and DDP give the big-batch update), the
+held-out evaluation and --target-mlm-accuracy, and the tokenizer files saved with
+checkpoints. The loop, checkpoints, resume, precision and logging are the engine's.
+
+Cost of the normalisers: one small all-reduce per step (two scalars), negligible next to the
+gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bertforge.config import PretrainConfig
+from bertforge.model.attention import implementation
+from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model,
+                                  labelled_slots, num_sequences)
+from bertforge.train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
+from bertforge.train.engine import Engine, TrainResult
+from bertforge.train.sources import eval_batches, random_batch, to_device, training_batches
+from bertforge.train.task import Task
+
+log = logging.getLogger("bertforge")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    checkpoint_at_start = True  # step_0, as the reference
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        d = cfg.data
+        self.eval_every = d.eval_every
+        if d.target_mlm_accuracy is not None:
+            self.target = ("mlm_acc", d.target_mlm_accuracy)
+
+    # ------------------------------------------------------------ model
+    def build_model(self, engine: Engine) -> GatheredBertForPreTraining:
+        m = self.cfg.model
+        if engine.source is not None:
+            return GatheredBertForPreTraining.from_pretrained(
+                engine.source, attn_implementation=implementation(m.attn_implementation))
+        model = build_pretraining_model(m.to_bert_config(),
+                                        attn_implementation=m.attn_implementation)
+        init_mlm_prior(model, self.cfg)
+        return model
+
+    def prepare(self, engine: Engine) -> int:
+        if engine.ctx.is_main:
+            engine.tokenizer_dir = self.tokenizer_files(engine)
+        return self.cfg.train.training_steps
+
+    def tokenizer_files(self, engine: Engine) -> Path | None:
+        """HF tokenizer files for the checkpoints: the source checkpoint's, else the data's vocab."""
+        target = engine.run_dir / "tokenizer"
+        if target.exists():
+            return target
+        source = engine.source
+        if source is not None and Path(source).is_dir():
+            files = [p for p in Path(source).iterdir() if p.name in TOKENIZER_FILES]
+            if files:
+                target.mkdir(parents=True)
+                for p in files:
+                    (target / p.name).write_bytes(p.read_bytes())
+                return target
+        from bertforge.data.vocab import save_tokenizer_files
+        tok = self.cfg.data.tokenizer
+        is_vocab_file = tok is not None and Path(tok).is_file()
+        save_tokenizer_files(target, vocab_file=Path(tok) if is_vocab_file else None,
+                             name_or_path=None if is_vocab_file else tok,
+                             model_max_length=self.cfg.model.max_position_embeddings)
+        size = sum(1 for _ in open(target / "vocab.txt", encoding="utf-8")) \
+            if (target / "vocab.txt").exists() else None
+        vocab_size = engine.model.config.vocab_size
+        if size is not None and size != vocab_size:
+            log.warning("tokenizer has %d entries but the model's vocab_size is %d: checkpoints "
+                        "are saved without tokenizer files", size, vocab_size)
+            for p in target.iterdir():
+                p.unlink()
+            target.rmdir()
+            return None
+        return target
+
+    # ------------------------------------------------------------ batches and loss
+    def step_batches(self, engine: Engine, start_step: int, consumed_batches: int
+                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
+        t, ctx = self.cfg.train, engine.ctx
+        micro = training_batches(self.cfg.data, micro_batch_size=t.micro_batch_size,
+                                 vocab_size=engine.model.config.vocab_size, seed=t.random_seed,
+                                 rank=ctx.rank, world_size=ctx.world_size,
+                                 start_batch=consumed_batches, device=ctx.device)
+        accum = t.gradient_accumulation
+        return ([next(micro) for _ in range(accum)] for _ in itertools.count())
+
+    def normalizers(self, micro_batches: list[dict[str, torch.Tensor]], ctx: DistContext
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labelled MLM positions, sequences) of the whole step over all ranks, divided by
+        the world size because DDP averages gradients over ranks. Sequences, not rows: a
+        packed row holds several."""
+        counts = torch.stack([torch.stack([labelled_slots(b).sum(), num_sequences(b)])
+                              for b in micro_batches]).sum(0)
+        counts = all_reduce_sum(counts.to(torch.float64), ctx)
+        return ((counts[0].clamp(min=1) / ctx.world_size).float(),
+                (counts[1] / ctx.world_size).float())
+
+    def loss(self, forward, batch, norms):
+        mlm_norm, nsp_norm = norms if norms is not None else (None, None)
+        out = forward(batch, mlm_normalizer=mlm_norm, nsp_normalizer=nsp_norm)
+        return out.loss, torch.stack([out.mlm_loss.detach(), out.nsp_loss.detach(),
+                                      out.num_mlm_correct, out.num_masked, out.num_nsp_correct,
+                                      out.num_sequences, out.num_tokens]).to(torch.float64)
+
+    def metrics(self, totals: list[float], world_size: int) -> dict[str, float]:
+        mlm_loss, nsp_loss, mlm_ok, n_mask, nsp_ok, n_seq, n_tok = totals
+        # Each rank's losses are its partial means of the global mean: the sum over ranks
+        # counts the world size once too often.
+        mlm_loss, nsp_loss = mlm_loss / world_size, nsp_loss / world_size
+        return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+                "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
+                "sequences": n_seq, "real_tokens": n_tok}
+
+    def step_fields(self, m: dict[str, float], short: bool = False) -> dict[str, str]:
+        if short:
+            return {"loss": f"{m['loss']:.3f}", "mlm_acc": f"{m['mlm_acc']:.3f}",
+                    "nsp_acc": f"{m['nsp_acc']:.3f}"}
+        # The reference's labels; accuracies are fractions 0..1 as it printed them.
+        return {"total loss": f"{m['loss']:.3f}", "mlm_loss": f"{m['mlm_loss']:.3f}",
+                "nsp_loss": f"{m['nsp_loss']:.3f}", "mlm_acc": f"{m['mlm_acc']:.3f} %",
+                "nsp_acc": f"{m['nsp_acc']:.3f} %"}
+
+    def synthetic_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
+        d = self.cfg.data
+        return to_device(random_batch(self.cfg.train.micro_batch_size, d.sequence_length,
+                                      d.mask_tokens, self.cfg.model.vocab_size,
+                                      torch.Generator().manual_seed(0)), device)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, engine: Engine) -> dict[str, float] | None:
+        """MLM/NSP accuracy and loss over every held-out record (records never trained on)."""
+        d, ctx = self.cfg.data, engine.ctx
+        if not d.eval_files:
+            return None
+        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
+        for batch in eval_batches(d.eval_files, micro_batch_size=self.cfg.train.micro_batch_size,
+                                  rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                                  packed=d.packed_data):
+            with engine.precision.autocast():
+                out = engine.model(batch, mlm_normalizer=1.0, nsp_normalizer=1.0)
+            sums += torch.stack([out.mlm_loss, out.nsp_loss, out.num_mlm_correct, out.num_masked,
+                                 out.num_nsp_correct, out.num_sequences]).to(torch.float64)
+        mlm_sum, nsp_sum, mlm_ok, n_mask, nsp_ok, n_seq = all_reduce_sum(sums, ctx).tolist()
+        return {"mlm_loss": mlm_sum / max(1.0, n_mask), "nsp_loss": nsp_sum / max(1.0, n_seq),
+                "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
+                "records": n_seq}
+
+
+def init_mlm_prior(model: GatheredBertForPreTraining, cfg: PretrainConfig) -> None:
+    """--mlm-bias-init unigram on a new model with real shards: the decoder bias starts at the
+    masked tokens' log frequencies (model/bert.py: init_mlm_bias says why). Every rank reads
+    the same first records, so every rank starts from the same weights."""
+    d = cfg.data
+    if cfg.model.mlm_bias_init != "unigram" or d.synthetic_data or d.dataset != "pretraining":
+        return
+    from bertforge.data.loader import masked_label_counts
+    from bertforge.model.bert import init_mlm_bias
+    counts = masked_label_counts(d.input_files, model.config.vocab_size)
+    init_mlm_bias(model, counts)
+    log.info("MLM bias starts at the unigram prior of %d masked tokens (--mlm-bias-init unigram)",
+             int(counts.sum()))
+
+
+def data_packing_factor(data) -> float:
+    """Sequences per row of the training data: 1 unpacked, measured on a sample of packed
+    records with --packed-data (so the global batch stays counted in sequences). Mixed packed
+    and unpacked inputs, or a kind that contradicts --packed-data, are refused here."""
+    if data.synthetic_data or data.dataset != "pretraining" or not data.input_files:
+        return 1.0
+    from bertforge.data.packed import check_inputs, measure_packing_factor
+    check_inputs(data.input_files, data.packed_data)
+    if data.eval_files:
+        check_inputs(data.eval_files, data.packed_data)
+    if not data.packed_data:
+        return 1.0
+    factor = measure_packing_factor(data.input_files)
+    log.info("packed data: %.3f sequences per row; gradient accumulation divided by it", factor)
+    return factor
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Resolve `cfg` for this process group and train; the entry point of `bertforge pretrain`."""
+    ctx = init_distributed(cfg.train.device)
+    try:
+        cfg = cfg.resolve(ctx.world_size, data_packing_factor(cfg.data))
+        engine = Engine(cfg, ctx, PretrainTask(cfg))
+        if cfg.train.compile_only:
+            return engine.compile_only()
+        logger = engine.open_logger()
+        try:
+            return engine.train(TrainResult(run_dir=engine.run_dir), logger)
+        finally:
+            if logger is not None:
+                logger.close()
+    finally:
+        shutdown(ctx)

@@ -1,0 +1,75 @@
+"""What a recipe gives the training engine (train/engine.py): the task interface.
+
+Pre-training (train/pretraining.py) and SQuAD (squad/finetune.py) are tasks: each says how
+to build its model, which micro-batches make a step, the loss of one micro-batch with the
+step's normalisers, how its statistics become metrics, and how to evaluate. Everything
+else (devices, checkpoints, resume, precision, optimizer, accumulation, DDP, logging,
+cadence) is the engine's, once. `Task` holds the defaults a task may keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from bertforge.train.distributed import DistContext
+    from bertforge.train.engine import Engine
+
+
+class Task:
+    """Base of the recipes' tasks; subclasses implement the methods that raise."""
+
+    name = "task"              # progress bar label and default run directory prefix
+    trains = True              # False: the run only evaluates an existing model
+    checkpoint_at_start = False  # also save step 0 (pre-training does, as the reference)
+    eval_every = 0             # evaluate every N steps during training (0: at the end only)
+    target: tuple[str, float] | None = None  # stop once evaluate()[name] >= value
+
+    def build_model(self, engine: Engine) -> torch.nn.Module:
+        """The model, from `engine.source` (a checkpoint) when there is one."""
+        raise NotImplementedError
+
+    def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module DDP wraps and the step calls (default: the model itself)."""
+        return model
+
+    def prepare(self, engine: Engine) -> int:
+        """Read what training needs; return the number of optimizer steps."""
+        return engine.cfg.train.training_steps
+
+    def step_batches(self, engine: Engine, start_step: int, consumed_batches: int
+                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of each step from `start_step` on (this rank's, on its device);
+        `consumed_batches` micro-batches were consumed before (exact resume)."""
+        raise NotImplementedError
+
+    def normalizers(self, micro_batches: list[dict[str, torch.Tensor]], ctx: DistContext) -> Any:
+        """Whatever `loss` divides by so the step's summed losses are the global mean."""
+        return None
+
+    def loss(self, forward: torch.nn.Module, batch: dict[str, torch.Tensor], norms: Any
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backward, 1-D tensor of statistics to sum over micro-batches and ranks)."""
+        raise NotImplementedError
+
+    def metrics(self, totals: list[float], world_size: int) -> dict[str, float]:
+        """The step's metrics from the summed statistics; must include "sequences"."""
+        raise NotImplementedError
+
+    def step_fields(self, metrics: dict[str, float], short: bool = False) -> dict[str, str]:
+        """The task's part of the step line (label -> value); `short`: the progress bar's."""
+        return {"loss": f"{metrics['loss']:.4f}"}
+
+    def evaluate(self, engine: Engine) -> dict[str, float] | None:
+        """Held-out metrics (all ranks, under no_grad, model in eval mode), or None."""
+        return None
+
+    def target_met(self, metrics: dict[str, float]) -> bool:
+        return self.target is not None and metrics[self.target[0]] >= self.target[1]
+
+    def synthetic_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """One well-formed micro-batch of random data (--compile-only)."""
+        raise NotImplementedError(f"{self.name} has no --compile-only")
