@@ -1,4 +1,6 @@
-"""Config sections, YAML presets and generated flags of `bertforge pretrain` (issue 3, item 2).
+"""Config sections, YAML presets and generated flags: `bertforge pretrain`'s in depth, then the
+mechanism as every other subcommand uses it (serve presets, flat construction, shared sections,
+required fields).
 
 ~3 s in all, mostly the one transformers import (to_bert_config); the rest is pure Python.
 Every preset of presets/pretraining.yml loads and resolves, flags beat presets without unset
@@ -16,14 +18,24 @@ import pytest
 import yaml
 
 from bertforge.config import (
+    BenchConfig,
     DataSection,
+    ExportConfig,
+    InstanceConfig,
+    PackConfig,
     PretrainConfig,
+    ServeConfig,
+    TokenizeConfig,
+    WindowSection,
+    coerce,
     default_preset_file,
     load_config,
     load_presets,
     parse_bool,
 )
+from bertforge.config.serve import ServeBatchingSection, ServedModelSection
 from bertforge.flags import DidYouMeanParser, add_config_arguments, config_from_args
+from bertforge.squad.config import SquadDataSection
 
 REFERENCE_PRESETS = [
     "demo_tiny_128", "pretrain_base_128", "pretrain_base_512", "pretrain_large_128",
@@ -331,3 +343,76 @@ def test_to_bert_config():
     assert (bert.hidden_size, bert.num_hidden_layers, bert.num_attention_heads,
             bert.intermediate_size, bert.layer_norm_eps, bert.attention_probs_dropout_prob,
             bert.vocab_size) == (64, 3, 8, 256, 1e-3, 0.0, 30522)
+
+
+# ---------------------------------------------------------------- the mechanism, every subcommand
+def test_every_serve_preset_loads():
+    presets = load_presets(default_preset_file(ServeConfig))
+    assert "default" in presets and ServeConfig.DEFAULT_PRESET == "default"
+    for name in presets:
+        cfg = load_config(name, cls=ServeConfig)
+        assert cfg.config == name and cfg.window.sequence_length == 384
+    assert load_config("sync_clients", cls=ServeConfig).batching.max_queue_delay_us == 0
+    assert load_config("gpu_bf16", cls=ServeConfig).model.device == "cuda"
+
+
+def test_a_run_config_is_built_from_sections_or_from_flat_fields():
+    flat = ServeConfig(checkpoint_input_dir="qa", sequence_length=128, doc_stride=32,
+                       max_batch_size=8)
+    nested = ServeConfig(model=ServedModelSection(checkpoint_input_dir="qa"),
+                         window=WindowSection(sequence_length=128, doc_stride=32),
+                         batching=ServeBatchingSection(max_batch_size=8))
+    assert flat == nested and flat.to_flat()["max_batch_size"] == 8
+    assert ServeConfig.from_dict(flat.to_dict()) == flat
+    with pytest.raises(ValueError, match=r"max_batch_size \(--max-batch-size\) must be >= 1"):
+        ServeConfig(max_batch_size=0)
+
+
+def test_the_window_rule_has_one_home():
+    """SQuAD fine-tuning and serving share WindowSection: same defaults, same rule."""
+    for cls in (WindowSection, SquadDataSection):
+        assert (cls().sequence_length, cls().doc_stride, cls().max_query_length) == (384, 128, 64)
+        with pytest.raises(ValueError, match="doc_stride .* must be below the context tokens"):
+            cls(sequence_length=128, max_query_length=64, doc_stride=61)
+    assert BenchConfig().load.sequence_length == ExportConfig().export.sequence_length == 384
+
+
+def test_lists_of_numbers_and_their_bounds():
+    assert coerce("1,4,8", list[int]) == [1, 4, 8]
+    assert coerce(["2", "3"], list[int]) == [2, 3]
+    assert coerce("a,b.tfrecord", list[str]) == ["a,b.tfrecord"]  # paths may hold commas
+    with pytest.raises(ValueError, match=r"clients \(--clients\) must be >= 1, got 0"):
+        BenchConfig(clients=[4, 0])
+
+
+def test_required_fields_are_checked_before_running_not_on_build():
+    cfg = PackConfig(inputs=["in"])  # builds: --print-config and --help work without them
+    with pytest.raises(ValueError, match="--output-dir is required"):
+        cfg.check_required()
+    with pytest.raises(ValueError, match="INPUT is required"):
+        PackConfig(output_dir="o", sequence_length=128).check_required()
+    PackConfig(inputs=["in"], output_dir="o", sequence_length=128).check_required()
+
+
+def test_instance_config_is_a_section_built_positionally_too():
+    assert InstanceConfig(512, 76, duplication_factor=1) == InstanceConfig(
+        sequence_length=512, mask_tokens=76, duplication_factor=1)
+    with pytest.raises(ValueError, match=r"short_seq_prob \(--short-seq-prob\) must be >= 0 "
+                                         r"and <= 1"):
+        InstanceConfig(short_seq_prob=1.5)
+    assert TokenizeConfig(mask_tokens=76, sequence_length=512).instances.mask_tokens == 76
+
+
+def test_flat_names_are_unique_in_every_run_config():
+    from bertforge.cli import COMMANDS
+    for command in COMMANDS.values():
+        command.config.field_sections()  # asserts uniqueness and no clash with section names
+
+
+def test_preset_files_are_parsed_once_and_callers_get_copies(tmp_path):
+    path = write_presets(tmp_path, "a: {hidden_size: 64, num_attention_heads: 8}\n")
+    first = load_presets(path)
+    first["a"]["hidden_size"] = 1
+    assert load_presets(path)["a"]["hidden_size"] == 64
+    path.write_text("a: {hidden_size: 128, num_attention_heads: 8}\n")  # a new version is read
+    assert load_config("a", preset_file=path).model.hidden_size == 128

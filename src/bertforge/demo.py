@@ -67,9 +67,9 @@ def prepare_sample_shards(output_dir: Path, *, vocab_size: int = 8192, workers: 
     out = []
     for name, inputs, duplication in (("train", train_text, duplication_factor),
                                       ("heldout", heldout_text, 1)):
+        # seed, short_seq_prob and mlm_prob: InstanceConfig's (Google's) defaults.
         config = InstanceConfig(sequence_length=sequence_length, mask_tokens=mask_tokens,
-                                duplication_factor=duplication, seed=1984, short_seq_prob=0.1,
-                                mlm_prob=0.15)
+                                duplication_factor=duplication)
         log(f"      {name}: " + tokenize(inputs, shards / name, config, tokenizer=tokenizer,
                                           num_shards=None, workers=workers).line())
         out.append(sorted((shards / name).glob("*.tfrecord")))

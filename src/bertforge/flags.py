@@ -1,22 +1,33 @@
-"""Command-line flags generated from the typed config sections (bertforge pretrain / squad).
+"""Command-line flags generated from a run config's sections, for every bertforge subcommand.
 
-One `--flag-name` per section field (dashes for underscores, help and bounds from the field's
-metadata), every flag defaulting to SUPPRESS so that only flags actually given override the
-chosen preset; plus a parser class whose subcommands answer a mistyped flag with a
-did-you-mean. Kept apart from config.py, which owns the sections, presets and validation.
+One `--flag-name` per section field (dashes for underscores; help, metavar and choices from
+the field), or a positional argument for fields declared `positional`. Every flag defaults
+to SUPPRESS, so only flags actually given override the chosen preset, never an argparse
+default. Booleans take `--flag [BOOL]` (bare: true) and `--no-flag`. Lists take several
+values, repeat (`--benchmark a --benchmark b`), and lists of numbers also `1,4,8`.
+
+`--help` shows the value the chosen preset gives: cli.py reads `--config`/`--config-file`
+from argv before it builds the parser (`requested_preset`) and passes them here, so
+`bertforge pretrain --config demo_sample_128 --help` lists that preset's learning rate as
+the default. `--print-config` (every subcommand) prints the resolved config as YAML and
+exits. The parser class answers a mistyped flag with a did-you-mean. Type conversion is the
+sections' (coerce); bounds and rules are checked only when the sections are built.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
 from dataclasses import fields
 from typing import Any, Literal, Union
 
-from bertforge.config import (PretrainConfig, RunConfig, _hints, coerce, default_preset_file,
-                              did_you_mean, flag_name, load_config, load_presets)
+from bertforge.config import (PretrainConfig, RunConfig, coerce, default_preset_file,
+                              did_you_mean, flag_name, load_config, load_presets, preset_layers)
+from bertforge.config.core import field_default, hints
+
+# Parser destinations that are not config fields.
+RESERVED = {"config", "config_file", "print_config"}
 
 
 class DidYouMeanParser(argparse.ArgumentParser):
@@ -32,10 +43,20 @@ class DidYouMeanParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and self._subparsers is None:
             options = [s for s in self._option_string_actions if s.startswith("--")]
-            hints = [did_you_mean(a.split("=", 1)[0], options) for a in extras
-                     if a.startswith("-")]
-            self.error("unrecognized arguments: " + " ".join(extras) + "".join(hints))
+            hints_ = [did_you_mean(a.split("=", 1)[0], options) for a in extras
+                      if a.startswith("-")]
+            self.error("unrecognized arguments: " + " ".join(extras) + "".join(hints_))
         return namespace, extras
+
+
+class _ExtendLists(argparse.Action):
+    """Each value is already a list (coerce splits "1,4,8"); a repeated flag adds to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        items = list(getattr(namespace, self.dest, None) or [])
+        for value in values:
+            items.extend(value)
+        setattr(namespace, self.dest, items)
 
 
 def _arg_type(hint: Any) -> typing.Callable[[str], Any]:
@@ -45,55 +66,120 @@ def _arg_type(hint: Any) -> typing.Callable[[str], Any]:
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
-    convert.__name__ = getattr(hint, "__name__", "value")
+    convert.__name__ = getattr(typing.get_args(hint)[0] if typing.get_origin(hint) is list
+                               else hint, "__name__", "value")
     return convert
 
 
-def add_config_arguments(parser: argparse.ArgumentParser,
-                         cls: type[RunConfig] = PretrainConfig) -> None:
-    """--config NAME, --config-file PATH and one flag per section field (all default SUPPRESS)."""
+def requested_preset(argv: list[str]) -> tuple[str | None, str | None]:
+    """(--config NAME, --config-file PATH) as given in argv, before the real parse."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--config")
+    early.add_argument("--config-file")
+    known, _ = early.parse_known_args(argv)
+    return known.config, known.config_file
+
+
+def preset_defaults(cls: type[RunConfig], name: str, path: Any) -> dict[str, Any]:
+    """Flat field -> value, for the fields that preset `name` (with its inherit chain) sets."""
+    keys = {key for _, own in preset_layers(name, path, cls) for key in own}
+    values = load_config(name, preset_file=path, cls=cls).to_flat()
+    return {key: values[key] for key in keys}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if value else "none"
+    return "none" if value is None else str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] = PretrainConfig,
+                         *, preset: str | None = None, preset_file: str | None = None) -> None:
+    """--print-config, --config NAME and --config-file PATH (when `cls` has presets) and one
+    flag or positional per section field, all defaulting to SUPPRESS. `preset`/`preset_file`
+    name the preset whose values --help shows as defaults (default: cls.DEFAULT_PRESET)."""
     parser.allow_abbrev = False  # a prefix of one flag must not silently mean that flag
-    if parser.usage is None:
-        parser.usage = "%(prog)s [--config NAME] [--config-file PATH] [--FLAG VALUE ...]"
-    preset_file = default_preset_file(cls)
-    try:
-        names = ", ".join(load_presets(preset_file))
-    except (FileNotFoundError, ValueError):
-        names = f"see {preset_file}"
-    group = parser.add_argument_group(
-        "preset", "A flag's '(default: X)' below is the built-in value; the chosen preset may "
-        "set another, and a flag given on the command line beats both.")
-    group.add_argument("--config", default=argparse.SUPPRESS, metavar="NAME",
-                       help=f"preset (default: {cls.DEFAULT_PRESET}); flags given override it. "
-                            f"Presets: {names}")
-    group.add_argument("--config-file", default=argparse.SUPPRESS, metavar="PATH",
-                       help=f"YAML file of presets (default: {preset_file})")
+    group = parser.add_argument_group("config")
+    shown: dict[str, Any] = {}
+    if cls.PRESET_FILE:
+        path = preset_file or default_preset_file(cls)
+        name = preset or cls.DEFAULT_PRESET
+        names = f"see {path}"
+        try:
+            names = ", ".join(load_presets(path))
+            shown = preset_defaults(cls, name, path)
+            group.description = (f"'(default: X from preset {name})' below is the value preset "
+                                 f"{name} gives; a flag given on the command line beats it.")
+        except (FileNotFoundError, ValueError) as err:  # the run itself reports it, as an error
+            group.description = f"defaults below are built in, as the preset failed: {err}"
+        group.add_argument("--config", default=argparse.SUPPRESS, metavar="NAME",
+                           help=f"preset (default: {cls.DEFAULT_PRESET}); flags given override "
+                                f"it. Presets: {names}")
+        group.add_argument("--config-file", default=argparse.SUPPRESS, metavar="PATH",
+                           help=f"YAML file of presets (default: {default_preset_file(cls)})")
+    layers = "defaults <- preset <- flags" if cls.PRESET_FILE else "defaults <- flags"
+    group.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                       help=f"print the resolved config (YAML: {layers}, every section "
+                            "validated) and exit without running")
+    usage = []
     for section, section_cls in cls.section_types().items():
         doc = (section_cls.__doc__ or "").strip().splitlines()[0]
         group = parser.add_argument_group(section, doc)
-        hints = _hints(section_cls)
+        section_hints = hints(section_cls)
         for f in fields(section_cls):
-            hint = hints[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = f.metadata.get("help", "")
-            if "default" not in text:
-                text += f" (default: {default})"
-            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-            base = hint
-            if typing.get_origin(hint) in (Union, types.UnionType):
-                base = next(a for a in typing.get_args(hint) if a is not type(None))
-            if typing.get_origin(hint) is list:
-                kwargs.update(nargs="+", type=_arg_type(typing.get_args(hint)[0]))
-            elif hint is bool:
-                kwargs.update(nargs="?", const=True, type=_arg_type(bool), metavar="BOOL")
-            else:
-                kwargs.update(type=_arg_type(hint),
-                              metavar={int: "N", float: "X"}.get(base, "TEXT"))
-            if typing.get_origin(base) is Literal:
-                kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
-            if f.metadata.get("metavar"):
-                kwargs["metavar"] = f.metadata["metavar"]
-            group.add_argument(flag_name(f.name), **kwargs)
+            assert f.name not in RESERVED, f"field {f.name} clashes with a parser option"
+            usage.append(_add_field(group, f, section_hints[f.name], shown, preset or
+                                    cls.DEFAULT_PRESET))
+    if parser.usage is None:
+        presets = " [--config NAME]" if cls.PRESET_FILE else ""
+        parser.usage = " ".join(["%(prog)s", *filter(None, usage)]) + presets + \
+            " [--FLAG VALUE ...]"
+
+
+def _add_field(group: argparse._ArgumentGroup, f: Any, hint: Any, shown: dict[str, Any],
+               preset: str) -> str:
+    """Add the field's argument(s); returns its usage words when positional or required."""
+    meta = f.metadata
+    text = meta["help"].replace("%", "%%")
+    if f.name in shown:
+        text += f" (default: {_shown(shown[f.name])} from preset {preset})"
+    elif meta["required"]:
+        text += " (required)"
+    elif "default" not in text:
+        text += f" (default: {_shown(field_default(f))})"
+    base = hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        base = next(a for a in typing.get_args(hint) if a is not type(None))
+    metavar = meta["metavar"] or {int: "N", float: "X"}.get(base, "TEXT")
+    if typing.get_origin(base) is Literal:
+        metavar = "{" + ",".join(typing.get_args(base)) + "}"
+    if typing.get_origin(hint) is list:
+        metavar = meta["metavar"] or {int: "N", float: "X"}.get(typing.get_args(hint)[0], "TEXT")
+    if meta["positional"]:
+        many = typing.get_origin(hint) is list
+        kwargs = dict(nargs="*" if many else "?", metavar=metavar, default=argparse.SUPPRESS,
+                      help=text)
+        if many:
+            kwargs.update(action=_ExtendLists, type=_arg_type(hint))
+        else:
+            kwargs.update(type=_arg_type(hint))
+        group.add_argument(f.name, **kwargs)
+        return f"{metavar} [{metavar} ...]" if many else metavar
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text,
+                              "metavar": metavar}
+    if typing.get_origin(hint) is list:
+        kwargs.update(nargs="+", action=_ExtendLists, type=_arg_type(hint))
+    elif hint is bool:
+        kwargs.update(nargs="?", const=True, type=_arg_type(bool), metavar="BOOL")
+    else:
+        kwargs["type"] = _arg_type(hint)
+    group.add_argument(flag_name(f.name), **kwargs)
+    if hint is bool:  # --no-X is listed where X is on by default, accepted everywhere
+        group.add_argument(flag_name("no_" + f.name), dest=f.name, action="store_const",
+                           const=False, default=argparse.SUPPRESS,
+                           help=(f"same as {flag_name(f.name)} false" if field_default(f)
+                                 else argparse.SUPPRESS))
+    return f"{flag_name(f.name)} {metavar}" if meta["required"] else ""
 
 
 def config_from_args(args: argparse.Namespace,

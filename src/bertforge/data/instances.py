@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertforge.config.data import InstanceConfig  # the parameters, validated there
 from bertforge.data.fast_wordpiece import SentenceEncoder
 from bertforge.data.shards import (ShardSpill, encode_example_batch, write_shard,
                                    write_shard_from_spill)
@@ -73,35 +74,6 @@ BATCH_INSTANCES = 8192        # rows per vectorised batch: ~20 MB of temporaries
 RECORD_BYTES_PER_TEXT_BYTE = 1.8
 OUTPUT_FORMAT = 1  # bump when the same parameters would give other records (re-runs redo)
 _SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.tfrecord(\.index)?")
-
-
-@dataclass(frozen=True)
-class InstanceConfig:
-    """Parameters of create_pretraining_data (names as in the spec; S, M in the docstring)."""
-
-    sequence_length: int = 128
-    mask_tokens: int = 20
-    duplication_factor: int = 5
-    seed: int = 1984
-    short_seq_prob: float = 0.1
-    mlm_prob: float = 0.15
-
-    def __post_init__(self) -> None:
-        if self.sequence_length < 5:
-            raise ValueError(f"--sequence-length {self.sequence_length} is too short: [CLS] A "
-                             "[SEP] B [SEP] needs at least 5 tokens (BERT uses 128 or 512)")
-        if not 1 <= self.mask_tokens <= self.sequence_length - 3:
-            raise ValueError(f"--mask-tokens {self.mask_tokens} must be in [1, "
-                             f"{self.sequence_length - 3}] for --sequence-length "
-                             f"{self.sequence_length} (the reference: 20 for 128, 76 for 512)")
-        if self.duplication_factor < 1:
-            raise ValueError(f"--duplication-factor {self.duplication_factor} must be >= 1")
-        if self.seed < 0:
-            raise ValueError(f"--seed {self.seed} must be >= 0")
-        if not 0.0 <= self.short_seq_prob <= 1.0:
-            raise ValueError(f"--short-seq-prob {self.short_seq_prob} must be in [0, 1]")
-        if not 0.0 < self.mlm_prob <= 1.0:
-            raise ValueError(f"--mlm-prob {self.mlm_prob} must be in (0, 1]")
 
 
 # ---------------------------------------------------------------- the algorithm

@@ -16,37 +16,24 @@ p99 C ms errors: 0 mismatches: 0`. Threads suffice as clients: tritonclient rele
 while waiting on the socket. Measured here (2 cores shared with the server): 8 clients x
 1,000 gRPC requests to the tiny test model, 0 errors, 0 mismatches; throughput with and
 without dynamic batching: benchmarks/bench_serve.py, docs/benchmarks.md.
+
+Configuration: BenchConfig (bertforge.config.serve): target (url, protocol, model), load
+(clients, mode, requests, windows) and reference (checkpoint, tolerances) sections.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bertforge.config.serve import BenchConfig, BenchTargetSection
 from bertforge.serve.export import INPUTS, OUTPUTS
 
 IN_FLIGHT = 4  # async mode: outstanding requests per client
-
-
-@dataclass
-class BenchConfig:
-    checkpoint_input_dir: Path
-    url: str | None = None
-    protocol: str = "grpc"
-    clients: list[int] = field(default_factory=lambda: [1, 4, 8])
-    mode: str = "sync"
-    requests: int = 200
-    batch_size: int = 1
-    data: Path | None = None
-    sequence_length: int = 384
-    model: str = "bert"
-    rtol: float = 1e-4
-    atol: float = 1e-4
-    pool_size: int = 64  # distinct request payloads, cycled
 
 
 @dataclass
@@ -96,10 +83,8 @@ def squad_rows(path: Path, tokenizer, sequence_length: int, limit: int) -> dict[
 def _client_module(protocol: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
-    elif protocol == "http":
+    else:  # "http": the only other choice BenchTargetSection allows
         import tritonclient.http as module
-    else:
-        raise ValueError(f"--protocol {protocol}: choose grpc or http")
     return module
 
 
@@ -114,7 +99,8 @@ def _inputs(module, rows: dict[str, np.ndarray]):
 
 def run_setting(cfg: BenchConfig, url: str, num_clients: int, payloads, expected) -> BenchResult:
     """One (clients, mode, protocol) setting; payloads[k] rows, expected[k] (start, end)."""
-    module = _client_module(cfg.protocol)
+    target, load, reference = cfg.target, cfg.load, cfg.reference
+    module = _client_module(target.protocol)
     lock = threading.Lock()
     result = BenchResult(num_clients, 0, 0.0, [])
 
@@ -128,25 +114,26 @@ def run_setting(cfg: BenchConfig, url: str, num_clients: int, payloads, expected
             result.samples += len(payloads[k]["input_ids"])
             for name, want in zip(OUTPUTS, expected[k]):
                 got = reply.as_numpy(name)
-                if got is None or not np.allclose(got, want, rtol=cfg.rtol, atol=cfg.atol):
+                if got is None or not np.allclose(got, want, rtol=reference.rtol,
+                                                  atol=reference.atol):
                     result.mismatches += 1
                     break
 
     def client(index: int) -> None:
-        kwargs = {"concurrency": IN_FLIGHT} if cfg.protocol == "http" else {}
+        kwargs = {"concurrency": IN_FLIGHT} if target.protocol == "http" else {}
         conn = module.InferenceServerClient(url, **kwargs)
         try:
-            order = [(index * 7919 + i) % len(payloads) for i in range(cfg.requests)]
-            if cfg.mode == "sync":
+            order = [(index * 7919 + i) % len(payloads) for i in range(load.requests)]
+            if load.mode == "sync":
                 for k in order:
                     t0 = time.perf_counter()
                     try:
-                        reply, err = conn.infer(cfg.model, _inputs(module, payloads[k])), None
+                        reply, err = conn.infer(target.model, _inputs(module, payloads[k])), None
                     except Exception as e:  # noqa: BLE001 - counted and reported, not hidden
                         reply, err = None, e
                     check(k, reply, (time.perf_counter() - t0) * 1e3, err)
             else:
-                _run_async(conn, module, cfg, order, payloads, check)
+                _run_async(conn, module, target, order, payloads, check)
         finally:
             conn.close()
 
@@ -160,9 +147,9 @@ def run_setting(cfg: BenchConfig, url: str, num_clients: int, payloads, expected
     return result
 
 
-def _run_async(conn, module, cfg: BenchConfig, order, payloads, check) -> None:
+def _run_async(conn, module, target: BenchTargetSection, order, payloads, check) -> None:
     """Keep IN_FLIGHT requests outstanding on one connection."""
-    if cfg.protocol == "grpc":
+    if target.protocol == "grpc":
         slots = threading.Semaphore(IN_FLIGHT)
         for k in order:
             slots.acquire()
@@ -174,14 +161,14 @@ def _run_async(conn, module, cfg: BenchConfig, order, payloads, check) -> None:
                     check(k, result, (time.perf_counter() - t0) * 1e3, error)
                 finally:  # an exception here is swallowed by grpc: never leak the slot
                     slots.release()
-            conn.async_infer(cfg.model, _inputs(module, payloads[k]), callback=done)
+            conn.async_infer(target.model, _inputs(module, payloads[k]), callback=done)
         for _ in range(IN_FLIGHT):  # wait for the last callbacks
             slots.acquire()
         return
     pending: list = []
     for k in order:
         pending.append((k, time.perf_counter(),
-                        conn.async_infer(cfg.model, _inputs(module, payloads[k]))))
+                        conn.async_infer(target.model, _inputs(module, payloads[k]))))
         if len(pending) >= IN_FLIGHT:
             _finish_http(pending.pop(0), check)
     while pending:
@@ -200,23 +187,20 @@ def _finish_http(item, check) -> None:
 def run_bench(cfg: BenchConfig) -> int:
     """All settings of `cfg`; prints one line each; 0 when every reply was right."""
     from bertforge.serve.qa import load_qa_checkpoint
-    if cfg.mode not in ("sync", "async"):
-        raise ValueError(f"--mode {cfg.mode}: choose sync or async")
-    if not cfg.clients or min(cfg.clients) < 1:
-        raise ValueError(f"--clients {cfg.clients}: give positive counts such as 1,4,8")
-    url = cfg.url or f"127.0.0.1:{8001 if cfg.protocol == 'grpc' else 8000}"
-    model, tokenizer = load_qa_checkpoint(cfg.checkpoint_input_dir)
-    n = cfg.pool_size * cfg.batch_size
-    rows = (squad_rows(cfg.data, tokenizer, cfg.sequence_length, n) if cfg.data is not None
-            else synthetic_rows(n, cfg.sequence_length, model.config.vocab_size))
+    target, load = cfg.target, cfg.load
+    model, tokenizer = load_qa_checkpoint(cfg.reference.checkpoint_input_dir)
+    n = load.pool_size * load.batch_size
+    rows = (squad_rows(Path(load.data), tokenizer, load.sequence_length, n)
+            if load.data is not None
+            else synthetic_rows(n, load.sequence_length, model.config.vocab_size))
     n = len(rows["input_ids"])
-    payloads = [{k: v[lo:lo + cfg.batch_size] for k, v in rows.items()}
-                for lo in range(0, n, cfg.batch_size)]
+    payloads = [{k: v[lo:lo + load.batch_size] for k, v in rows.items()}
+                for lo in range(0, n, load.batch_size)]
     expected = reference_logits(model, payloads)
     failed = False
-    for num_clients in cfg.clients:
-        result = run_setting(cfg, url, num_clients, payloads, expected)
-        print(result.line(cfg.mode, cfg.protocol), flush=True)
+    for num_clients in load.clients:
+        result = run_setting(cfg, target.address(), num_clients, payloads, expected)
+        print(result.line(load.mode, target.protocol), flush=True)
         if result.errors or result.mismatches:
             failed = True
             if result.first_error:

@@ -23,10 +23,12 @@ bytes of int64 on the wire, as the reference's INT32 [384] inputs).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from bertforge.config.serve import ExportConfig
 from bertforge.data.stage import atomic_output
 from bertforge.serve.qa import PAD_LOGIT
 
@@ -109,28 +111,35 @@ def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> st
         "instance_group [ { kind: KIND_CPU count: 1 } ]", ""])
 
 
-def export(checkpoint_dir: Path, output_dir: Path, *, fmt: str, sequence_length: int = 384,
-           max_batch_size: int = 32, max_queue_delay_us: int = 2000, opset: int = 17
-           ) -> list[str]:
+def export(checkpoint_dir: Path | str, output_dir: Path | str, *, fmt: str,
+           **settings: Any) -> list[str]:
+    """run_export for a checkpoint, an output directory and a format; `settings` are the
+    other ExportConfig fields (sequence_length, opset, max_batch_size, max_queue_delay_us),
+    with ExportConfig's defaults and checks."""
+    return run_export(ExportConfig(checkpoint_input_dir=checkpoint_dir, output_dir=output_dir,
+                                   format=fmt, **settings))
+
+
+def run_export(cfg: ExportConfig) -> list[str]:
     """Export (see module docstring); returns one line per thing written or checked."""
     from bertforge.serve.qa import load_qa_checkpoint
-    if fmt not in ("onnx", "triton-repo"):
-        raise ValueError(f"--format {fmt}: choose onnx or triton-repo")
-    model, _ = load_qa_checkpoint(checkpoint_dir)
-    output_dir = Path(output_dir)
-    if fmt == "onnx":
+    e, batching = cfg.export, cfg.batching
+    model, _ = load_qa_checkpoint(e.checkpoint_input_dir)
+    output_dir = Path(e.output_dir)
+    if e.format == "onnx":
         onnx_path = output_dir / "model.onnx"
     else:
         onnx_path = output_dir / "bert" / "1" / "model.onnx"
         # Triton's instance_group KIND_CPU is the safe default; edit to KIND_GPU for a GPU box.
         config = output_dir / "bert" / "config.pbtxt"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(triton_config("bert", max_batch_size, max_queue_delay_us))
-    export_onnx(model, onnx_path, sequence_length=sequence_length, opset=opset)
-    diff = check_onnx(model, onnx_path, sequence_length)
+        config.write_text(triton_config("bert", batching.max_batch_size,
+                                        batching.max_queue_delay_us))
+    export_onnx(model, onnx_path, sequence_length=e.sequence_length, opset=e.opset)
+    diff = check_onnx(model, onnx_path, e.sequence_length)
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
-             f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {sequence_length} tokens"]
-    if fmt == "triton-repo":
+             f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {e.sequence_length} tokens"]
+    if e.format == "triton-repo":
         lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} (tritonserver "
                      f"--model-repository {output_dir})")
     return lines

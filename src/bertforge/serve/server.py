@@ -37,6 +37,10 @@ prints each model's mean batch when it stops.
 Requirement seen here: PyTriton 0.7's python backend stub needs numpy<2 (with numpy 2 every
 output tensor arrives empty), and it links libpython, so LD_LIBRARY_PATH must hold the
 running interpreter's LIBDIR; `serve` sets that and checks numpy up front.
+
+Configuration: ServeConfig (bertforge.config.serve; presets in presets/serve.yml), whose
+sections (model, window, batching, server) have already checked every value; build_engine
+checks only what needs the loaded model.
 """
 
 from __future__ import annotations
@@ -46,30 +50,12 @@ import os
 import signal
 import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from bertforge.config.serve import ServeBatchingSection, ServeConfig
+
 log = logging.getLogger("bertforge")
-
-
-@dataclass
-class ServeConfig:
-    checkpoint_input_dir: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
-    dynamic_batching: bool = True
-    padding_free: bool = True
-    device: str = "cpu"
-    precision: str = "fp32"
-    sequence_length: int = 384
-    doc_stride: int = 128
-    max_query_length: int = 64
-    exit_timeout: int = 5
 
 
 def check_runtime() -> None:
@@ -124,13 +110,13 @@ class Executions:
                          f"{n / self.executions[m]:.2f})" for m, n in self.requests.items())
 
 
-def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = None) -> None:
-    """Bind `bert` and `bert_qa` of `engine` (a serve.qa.QAEngine) to a pytriton.Triton."""
+def bind_models(triton, engine, batching: ServeBatchingSection, seq: int,
+                stats: Executions | None = None) -> None:
+    """Bind `bert` and `bert_qa` of `engine` (a serve.qa.QAEngine) to a pytriton.Triton; the
+    `bert` model takes [-1, seq] rows."""
     from pytriton.decorators import batch
     from pytriton.exceptions import PyTritonValidationError
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
-    seq = cfg.sequence_length
 
     @batch
     def infer_bert(input_ids, attention_mask, token_type_ids):
@@ -156,9 +142,9 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
                 "start": np.array([[a.start] for a in answers], dtype=np.int32),
                 "end": np.array([[a.end] for a in answers], dtype=np.int32)}
 
-    batcher = (DynamicBatcher(max_queue_delay_microseconds=cfg.max_queue_delay_us)
-               if cfg.dynamic_batching else None)
-    max_batch = cfg.max_batch_size if cfg.dynamic_batching else 1
+    batcher = (DynamicBatcher(max_queue_delay_microseconds=batching.max_queue_delay_us)
+               if batching.dynamic_batching else None)
+    max_batch = batching.max_batch_size if batching.dynamic_batching else 1
     triton.bind(
         model_name="bert", infer_func=infer_bert,
         inputs=[Tensor(name=n, dtype=np.int32, shape=(seq,))
@@ -175,29 +161,28 @@ def bind_models(triton, engine, cfg: ServeConfig, stats: Executions | None = Non
                  Tensor(name="score", dtype=np.float32, shape=(1,)),
                  Tensor(name="start", dtype=np.int32, shape=(1,)),
                  Tensor(name="end", dtype=np.int32, shape=(1,))],
-        config=ModelConfig(max_batch_size=max(1, cfg.max_batch_size // 4), batcher=batcher),
+        config=ModelConfig(max_batch_size=max(1, batching.max_batch_size // 4), batcher=batcher),
         strict=True)
 
 
 def build_engine(cfg: ServeConfig):
+    """The QAEngine of `cfg`'s checkpoint, window shape and batching (values checked by the
+    config's sections; only what needs the model, its position table, is checked here)."""
     from bertforge.serve.qa import QAEngine, load_qa_checkpoint
     from bertforge.squad.features import WindowSpec
-    if cfg.device == "cuda":
+    m, w = cfg.model, cfg.window
+    if m.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-    model, tokenizer = load_qa_checkpoint(cfg.checkpoint_input_dir, cfg.device, cfg.precision)
-    if cfg.sequence_length > model.config.max_position_embeddings:
-        raise ValueError(f"--sequence-length {cfg.sequence_length} exceeds the model's "
+    model, tokenizer = load_qa_checkpoint(m.checkpoint_input_dir, m.device, m.precision)
+    if w.sequence_length > model.config.max_position_embeddings:
+        raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
-    budget = cfg.sequence_length - cfg.max_query_length - 3
-    if budget <= cfg.doc_stride:
-        raise ValueError(f"--doc-stride {cfg.doc_stride} must be below --sequence-length - "
-                         f"--max-query-length - 3 = {budget}; lower them or raise S")
-    spec = WindowSpec(sequence_length=cfg.sequence_length, doc_stride=cfg.doc_stride,
-                      max_query_length=cfg.max_query_length)
-    return QAEngine(model, tokenizer, spec, max_batch_size=cfg.max_batch_size,
-                    padding_free=cfg.padding_free)
+    spec = WindowSpec(sequence_length=w.sequence_length, doc_stride=w.doc_stride,
+                      max_query_length=w.max_query_length)
+    return QAEngine(model, tokenizer, spec, max_batch_size=cfg.batching.max_batch_size,
+                    padding_free=cfg.batching.padding_free)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -206,9 +191,10 @@ def serve(cfg: ServeConfig) -> None:
     from pytriton.triton import Triton, TritonConfig
     engine = build_engine(cfg)
     stats = Executions()
-    triton_cfg = TritonConfig(http_address=cfg.host, http_port=cfg.http_port,
-                              grpc_address=cfg.host, grpc_port=cfg.grpc_port,
-                              metrics_port=cfg.metrics_port, exit_timeout_secs=cfg.exit_timeout)
+    end = cfg.server
+    triton_cfg = TritonConfig(http_address=end.host, http_port=end.http_port,
+                              grpc_address=end.host, grpc_port=end.grpc_port,
+                              metrics_port=end.metrics_port, exit_timeout_secs=end.exit_timeout)
 
     def on_stop(signum, frame):  # both end the serve loop the way Ctrl-C does
         raise KeyboardInterrupt
@@ -217,11 +203,12 @@ def serve(cfg: ServeConfig) -> None:
     previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with Triton(config=triton_cfg) as triton:
-            bind_models(triton, engine, cfg, stats)
-            print(f"serve: models bert, bert_qa on http://{cfg.host}:{cfg.http_port} and "
-                  f"grpc {cfg.host}:{cfg.grpc_port} (S={cfg.sequence_length}, max batch "
-                  f"{cfg.max_batch_size if cfg.dynamic_batching else 1}, dynamic batching "
-                  f"{'on' if cfg.dynamic_batching else 'off'})", flush=True)
+            bind_models(triton, engine, cfg.batching, cfg.window.sequence_length, stats)
+            batching = cfg.batching
+            print(f"serve: models bert, bert_qa on http://{end.host}:{end.http_port} and "
+                  f"grpc {end.host}:{end.grpc_port} (S={cfg.window.sequence_length}, max batch "
+                  f"{batching.max_batch_size if batching.dynamic_batching else 1}, dynamic "
+                  f"batching {'on' if batching.dynamic_batching else 'off'})", flush=True)
             triton.serve()
     except KeyboardInterrupt:
         # A signal that arrives before serve() (models already ready, as readiness reports

@@ -6,9 +6,11 @@ bertforge.config unchanged. It reuses ModelSection (shape of a randomly initiali
 and the dropout rates applied to a loaded one), OptimSection, CheckpointSection and
 TrainSection; only two things are SQuAD's own:
 
-- SquadDataSection: where examples come from and how they become windows (sequence length
-  384, doc stride 128, max query length 64, as the reference).
+- SquadDataSection: where examples come from and how they become windows. The window
+  shape (sequence length 384, doc stride 128, max query length 64, as the reference) and its
+  rule are WindowSection's, shared with `bertforge serve`, so the two cannot disagree.
 - SquadTaskSection: what to run (training, validation), epochs, and post-processing knobs.
+`bertforge squad-eval` (SquadEvalConfig, flags only) is configured here too.
 
 TrainSection is subclassed only to make `training_steps` optional: fine-tuning is counted in
 epochs (the reference's 3), so by default the step count is derived from --num-epochs and the
@@ -16,7 +18,7 @@ number of training windows once the features exist (`steps_for`); an explicit
 --training-steps wins. The resolved step count is then stored back, so the saved config
 names the exact schedule that ran.
 
-Cost: none at run time; the CLI still imports no torch (building the parser: ~90 ms).
+Cost: none at run time; the CLI still imports no torch.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from bertforge.config import (CheckpointSection, ModelSection, OptimSection, RunConfig, Section,
-                              TrainSection, opt)
+                              TrainSection, WindowSection, opt)
 
 
 @dataclass
-class SquadDataSection(Section):
-    """SQuAD inputs and how examples become fixed-length windows."""
+class SquadDataSection(WindowSection):
+    """SQuAD inputs and how examples become fixed-length windows (shape: WindowSection)."""
 
     train_file: str | None = opt(None, "SQuAD-format JSON to fine-tune on (train-v1.1.json, "
                                  "train-v2.0.json or your own)", metavar="PATH")
@@ -42,10 +44,6 @@ class SquadDataSection(Section):
         "datasets copies (needs the datasets package and a network connection)")
     squad_v2: bool = opt(False, "SQuAD 2.0: questions may have no answer (is_impossible); "
                          "predict '' when the null score wins, write null_odds.json")
-    sequence_length: int = opt(384, "tokens per window: [CLS] question [SEP] context [SEP]", ge=8)
-    doc_stride: int = opt(128, "tokens shared by consecutive windows of a long context "
-                          "(Hugging Face's stride)", ge=0)
-    max_query_length: int = opt(64, "question tokens kept (longer questions are cut)", ge=1)
     tokenizer: str | None = opt(None, "tokenizer directory or Hugging Face name (default: the "
                                 "checkpoint's tokenizer files, else bert-base-uncased)",
                                 metavar="PATH")
@@ -56,11 +54,7 @@ class SquadDataSection(Section):
                             "losses and predictions as one window per row, ~half the rows")
 
     def check(self) -> None:
-        budget = self.sequence_length - self.max_query_length - 3
-        if budget <= self.doc_stride:
-            self.fail("doc_stride", f"= {self.doc_stride} must be below the context tokens per "
-                      f"window, sequence_length - max_query_length - 3 = {budget}; lower "
-                      "--doc-stride or --max-query-length, or raise --sequence-length")
+        super().check()
         if self.dataset == "squad_v2":
             self.squad_v2 = True
         elif self.dataset == "squad" and self.squad_v2:
@@ -146,3 +140,28 @@ class SquadConfig(RunConfig):
             return self.train.training_steps
         assert self.train.global_batch_size is not None, "resolve() first"
         return max(1, math.ceil(self.squad.num_epochs * num_windows / self.train.global_batch_size))
+
+
+# ---------------------------------------------------------------- bertforge squad-eval
+@dataclass
+class SquadEvalSection(Section):
+    """The official SQuAD v1.1/v2.0 evaluation of a predictions.json."""
+
+    data_file: str | None = opt(None, "the SQuAD dataset JSON", metavar="DATA.json",
+                                positional=True, required=True)
+    prediction_file: str | None = opt(None, "question id -> answer text",
+                                      metavar="PREDICTIONS.json", positional=True, required=True)
+    na_prob_file: str | None = opt(None, "question id -> no-answer probability/score "
+                                   "(null_odds.json); SQuAD 2.0", metavar="PATH")
+    na_prob_thresh: float = opt(1.0, "predict '' when the no-answer probability exceeds this")
+    out_file: str | None = opt(None, "write the JSON here, not stdout", metavar="PATH")
+    version: Literal["auto", "1.1", "2.0"] = opt(
+        "auto", "which official script to follow (auto: 2.0 for SQuAD 2.0 data or with "
+        "--na-prob-file)")
+
+
+@dataclass
+class SquadEvalConfig(RunConfig):
+    """`bertforge squad-eval`."""
+
+    eval: SquadEvalSection = field(default_factory=SquadEvalSection)

@@ -1,190 +1,23 @@
-"""Typed run configuration: dataclass sections, YAML presets with `inherit:`, validation.
+"""Typed configuration of `bertforge pretrain` (and the sections SQuAD fine-tuning reuses).
 
-A run's configuration is a tree of small dataclass sections (torchtitan style): `model`,
-`data`, `optim`, `train`, `checkpoint`. Each section coerces and validates its own fields
-when built, so a component that receives only its section (house style) can trust it.
-Cross-section rules and derived values (gradient accumulation from the global batch and the
-world size) live in `PretrainConfig.resolve(world_size)`, called once the process group is up.
-
-Values come in three layers, later wins: dataclass defaults <- a named preset from
-presets/pretraining.yml (following `inherit:` chains) <- the flags actually given. Every flag
-defaults to argparse.SUPPRESS, so an unset flag never clobbers a preset value with an
-argparse default. The flags are generated from the dataclass fields (flags.py), so a new
-field is a flag, a preset key and a saved-config entry at once and the three can never drift
-apart. The cost: flag names are the field names (dashes for
-underscores), which is why fields keep the reference's names (micro_batch_size, mask_tokens,
-...). Field names are unique across sections so presets stay flat like the reference's.
-
-Global batch vs accumulation: a layer (parent preset, child preset, flags) that names exactly
-one of global_batch_size / gradient_accumulation clears the other one set by earlier layers,
-so `--gradient-accumulation 4` on a preset that fixes the global batch means "4 micro-batches
-per step" rather than a conflict, and `--micro-batch-size 8` keeps the preset's global batch
-(the optimisation recipe) and re-derives the accumulation.
-
-Typos are errors with a did-you-mean (difflib): preset names, preset keys, choice values, and
-flags (via flags.DidYouMeanParser; argparse's prefix abbreviations are switched off for these
-parsers, since `--learning-rat` silently meaning `--learning-rate` hides typos and a future
-flag could change what an abbreviation means). The module imports no torch/transformers, so
-building the CLI stays instant (import + all flags + reading the presets: ~90 ms here).
+A run's configuration is a tree of small sections (torchtitan style): `model`, `data`,
+`optim`, `train`, `checkpoint`. Each coerces and validates its own fields when built
+(config/core.py), so a component that receives only its section (house style) can trust
+it. Cross-section rules and derived values (gradient accumulation from the global batch and
+the world size) live in `PretrainConfig.resolve(world_size)`, called once the process group
+is up. Flag names are the field names (dashes for underscores), which is why fields keep the
+reference's names (micro_batch_size, mask_tokens, ...).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import functools
-import os
-import types
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-_NONE_WORDS = {"none", "null"}
-_BATCH_PAIR = ("global_batch_size", "gradient_accumulation")
-
-
-# ---------------------------------------------------------------- small helpers
-def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest candidates, or '' when none is close."""
-    close = difflib.get_close_matches(str(word), list(candidates), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
-
-
-def parse_bool(value: Any) -> bool:
-    """true/false/1/0/yes/no (any case), Python bools, and the ints 0/1."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
-    raise ValueError(f"must be a boolean (true/false/1/0/yes/no), got {value!r}")
-
-
-def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-        lt: float | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field with its flag help and simple numeric bounds (checked on build)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "lt": lt, "metavar": metavar}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def coerce(value: Any, hint: Any) -> Any:
-    """Convert a YAML/flag/JSON value to the field type `hint`; ValueError says what was expected.
-
-    YAML 1.1 (PyYAML) reads `1e-3` as a string and `yes` as a bool, flags arrive as strings:
-    one converter for all sources keeps a preset, a flag and a saved config interchangeable.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        assert len(inner) == 1, f"only Optional[X] unions are supported, got {hint}"
-        if _is_none(value):
-            return None
-        return coerce(value, inner[0])
-    if origin is Literal:
-        if isinstance(value, str):
-            if value in args:
-                return value
-            folded = {str(a).lower(): a for a in args}
-            if value.lower() in folded:
-                return folded[value.lower()]
-        raise ValueError(f"must be one of {', '.join(map(str, args))}; got {value!r}"
-                         + did_you_mean(str(value), map(str, args)))
-    if origin is list:
-        if isinstance(value, (str, os.PathLike)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"must be a list, got {value!r}")
-        return [coerce(v, args[0]) for v in value]
-    if hint is bool:
-        return parse_bool(value)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-        raise ValueError(f"must be a string, got {value!r}")
-    raise AssertionError(f"unsupported field type {hint}")
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """cls(**values) with unknown keys reported by name and did-you-mean."""
-    known = [f.name for f in fields(cls)]
-    for key in values:
-        if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, known)}")
-    return cls(**values)
+from bertforge.config.core import RunConfig, Section, flag_name, opt
 
 
 # ---------------------------------------------------------------- sections
-@dataclass
-class Section:
-    """Base of the config sections: coerces every field to its type and checks its bounds."""
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in fields(self):
-            name = f"{f.name} ({flag_name(f.name)})"
-            try:
-                value = coerce(getattr(self, f.name), hints[f.name])
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                m = f.metadata
-                if ((m.get("ge") is not None and value < m["ge"])
-                        or (m.get("gt") is not None and value <= m["gt"])
-                        or (m.get("lt") is not None and value >= m["lt"])):
-                    bounds = [f"{op} {m[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("lt", "<"))
-                              if m.get(k) is not None]
-                    raise ValueError(f"{name} must be {' and '.join(bounds)}, got {value}")
-            setattr(self, f.name, value)
-        self.check()
-
-    def check(self) -> None:
-        """Rules between fields of this section; override in sections that have some."""
-
-    @staticmethod
-    def fail(field_name: str, message: str) -> typing.NoReturn:
-        raise ValueError(f"{field_name} ({flag_name(field_name)}) {message}")
-
-
 @dataclass
 class ModelSection(Section):
     """BERT shape and regularisation (Hugging Face's names); becomes a transformers.BertConfig."""
@@ -381,79 +214,8 @@ class CheckpointSection(Section):
                       "from: give --checkpoint-input-dir (a step_N or run directory)")
 
 
+
 # ---------------------------------------------------------------- run configs
-@dataclass
-class RunConfig:
-    """A preset name plus sections; subclasses name their preset file and default preset.
-
-    The machinery here (presets, flags, to_dict/from_dict) is shared by every recipe
-    (pre-training now, SQuAD later): a recipe only declares its sections and `resolve`.
-    """
-
-    PRESET_FILE: ClassVar[str] = ""
-    DEFAULT_PRESET: ClassVar[str] = ""
-
-    config: str | None = None
-
-    @classmethod
-    def section_types(cls) -> dict[str, type[Section]]:
-        hints = _hints(cls)
-        return {f.name: hints[f.name] for f in fields(cls)
-                if isinstance(hints[f.name], type) and issubclass(hints[f.name], Section)}
-
-    @classmethod
-    @functools.cache
-    def field_sections(cls) -> dict[str, str]:
-        """Flat field name -> section name; flat names must be unique (presets are flat)."""
-        owner: dict[str, str] = {}
-        for section, section_cls in cls.section_types().items():
-            for f in fields(section_cls):
-                assert f.name not in owner and f.name != "config", f"duplicate field {f.name}"
-                owner[f.name] = section
-        return owner
-
-    @classmethod
-    def from_flat(cls, values: dict[str, Any], *, config: str | None = None,
-                  sources: dict[str, str] | None = None) -> RunConfig:
-        """Build from flat field values; `sources` names where each value came from for errors."""
-        owner = cls.field_sections()
-        nested: dict[str, dict[str, Any]] = {name: {} for name in cls.section_types()}
-        hints = {name: _hints(cls.section_types()[section])[name] for name, section in owner.items()}
-        for key, value in values.items():
-            where = (sources or {}).get(key, "config")
-            if key not in owner:
-                raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, owner)}")
-            try:
-                nested[owner[key]][key] = coerce(value, hints[key])
-            except ValueError as err:
-                raise ValueError(f"{where}: {key}: {err}") from None
-        return cls(config=config, **{s: cls.section_types()[s](**v) for s, v in nested.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-safe) for the run directory and checkpoints."""
-        return {f.name: (dataclasses.asdict(v) if isinstance(v := getattr(self, f.name), Section)
-                         else v) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "saved config") -> RunConfig:
-        """Inverse of to_dict (exact round trip); keys missing from an older save take defaults."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
-        sections = cls.section_types()
-        top = {}
-        for key, value in data.items():
-            if key in sections:
-                if not isinstance(value, dict):
-                    raise ValueError(f"{where}: section {key!r} must be a mapping")
-                value = _build(sections[key], value, f"{where}: section {key!r}")
-            top[key] = value
-        return _build(cls, top, where)
-
-    def resolve(self, world_size: int = 1) -> RunConfig:
-        """A copy with derived values filled and cross-section rules checked."""
-        return type(self).from_dict(self.to_dict())
-
-
 @dataclass
 class PretrainConfig(RunConfig):
     """Everything `bertforge pretrain` needs; each component gets only its section."""
@@ -528,82 +290,20 @@ def _indivisible(global_batch: int, micro: int, world_size: int) -> str:
     return msg + f"; use a --micro-batch-size in {fits[-12:]}"
 
 
-# ---------------------------------------------------------------- presets
-def default_preset_file(cls: type[RunConfig] = PretrainConfig) -> Path:
-    """presets/<PRESET_FILE> inside the package (package data: a wheel installed anywhere,
-    not only a checkout, finds them)."""
-    return Path(__file__).resolve().parent / "presets" / cls.PRESET_FILE
+
+@dataclass
+class DemoSection(Section):
+    """The README's main job on the embedded Wikipedia sample (preset demo_sample_128)."""
+
+    output_dir: str = opt("demo-output", "where the data stages and the run go (complete data "
+                          "stages are reused by a second run)", metavar="DIR")
+    training_steps: int | None = opt(None, "optimizer steps (default: the demo_sample_128 "
+                                     "preset's)", ge=1)
+    workers: int | None = opt(None, "processes of the data stages (default: all cores)", ge=1)
 
 
-def load_presets(path: Path | str) -> dict[str, dict[str, Any]]:
-    """All presets of a YAML file: {name: {key: value}}; structural errors name the file."""
-    import yaml
+@dataclass
+class DemoConfig(RunConfig):
+    """`bertforge demo`."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preset file {path} not found; pass --config-file PATH (the "
-                                "package's presets/ directory holds the built-in ones)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"{path}: expected a mapping of preset name -> mapping of settings")
-    return {str(k): v for k, v in data.items()}
-
-
-def preset_layers(name: str, path: Path | str, cls: type[RunConfig] = PretrainConfig,
-                  ) -> list[tuple[str, dict[str, Any]]]:
-    """[(preset, its own settings)] from the root of the `inherit:` chain down to `name`."""
-    presets = load_presets(path)
-    known = list(cls.field_sections())
-    chain: list[str] = []
-    current: Any = name
-    while current is not None:
-        if not isinstance(current, str) or current not in presets:
-            if not chain:
-                raise ValueError(f"unknown preset {current!r} in {path}"
-                                 f"{did_you_mean(str(current), presets)}; presets: "
-                                 f"{', '.join(presets)}")
-            raise ValueError(f"preset {chain[-1]!r} in {path} inherits unknown preset "
-                             f"{current!r}{did_you_mean(str(current), presets)}")
-        if current in chain:
-            raise ValueError(f"{path}: inherit cycle {' -> '.join(chain + [current])}")
-        chain.append(current)
-        current = presets[current].get("inherit")
-    layers = []
-    for preset in reversed(chain):
-        own = {k: v for k, v in presets[preset].items() if k != "inherit"}
-        for key in own:
-            if key not in known:
-                raise ValueError(f"preset {preset!r} in {path}: unknown key {key!r}"
-                                 f"{did_you_mean(key, known)}")
-        layers.append((preset, own))
-    return layers
-
-
-def load_config(name: str | None = None, overrides: dict[str, Any] | None = None, *,
-                preset_file: Path | str | None = None,
-                cls: type[RunConfig] = PretrainConfig) -> RunConfig:
-    """defaults <- preset `name` (with its inherit chain) <- overrides (flat field names).
-
-    Not resolved: call .resolve(world_size) once the world size is known.
-    """
-    name = name or cls.DEFAULT_PRESET
-    path = Path(preset_file) if preset_file else default_preset_file(cls)
-    layers = [(f"preset {p!r} in {path}", own) for p, own in preset_layers(name, path, cls)]
-    if overrides:
-        layers.append(("", dict(overrides)))
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for where, own in layers:
-        # The most specific layer that sets one of the pair decides; setting it to none
-        # (re-derive) clears nothing.
-        named = [k for k in _BATCH_PAIR if k in own and not _is_none(own[k])]
-        if len(named) == 1:
-            other = _BATCH_PAIR[1 - _BATCH_PAIR.index(named[0])]
-            values.pop(other, None)
-        for key, value in own.items():
-            values[key] = value
-            sources[key] = where or flag_name(key)
-    return cls.from_flat(values, config=name, sources=sources)
+    demo: DemoSection = field(default_factory=DemoSection)
