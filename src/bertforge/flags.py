@@ -66,8 +66,6 @@ def _arg_type(hint: Any) -> typing.Callable[[str], Any]:
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
-    convert.__name__ = getattr(typing.get_args(hint)[0] if typing.get_origin(hint) is list
-                               else hint, "__name__", "value")
     return convert
 
 
@@ -147,33 +145,25 @@ def _add_field(group: argparse._ArgumentGroup, f: Any, hint: Any, shown: dict[st
         text += " (required)"
     elif "default" not in text:
         text += f" (default: {_shown(field_default(f))})"
-    base = hint
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        base = next(a for a in typing.get_args(hint) if a is not type(None))
-    metavar = meta["metavar"] or {int: "N", float: "X"}.get(base, "TEXT")
-    if typing.get_origin(base) is Literal:
-        metavar = "{" + ",".join(typing.get_args(base)) + "}"
-    if typing.get_origin(hint) is list:
-        metavar = meta["metavar"] or {int: "N", float: "X"}.get(typing.get_args(hint)[0], "TEXT")
+    many = typing.get_origin(hint) is list
+    item = typing.get_args(hint)[0] if many else hint
+    if typing.get_origin(item) in (Union, types.UnionType):
+        item = next(a for a in typing.get_args(item) if a is not type(None))
+    metavar = meta["metavar"] or ("{" + ",".join(typing.get_args(item)) + "}"
+                                  if typing.get_origin(item) is Literal
+                                  else {int: "N", float: "X"}.get(item, "TEXT"))
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "metavar": metavar,
+                              "type": _arg_type(hint)}
+    if many:
+        kwargs["action"] = _ExtendLists
     if meta["positional"]:
-        many = typing.get_origin(hint) is list
-        kwargs = dict(nargs="*" if many else "?", metavar=metavar, default=argparse.SUPPRESS,
-                      help=text)
-        if many:
-            kwargs.update(action=_ExtendLists, type=_arg_type(hint))
-        else:
-            kwargs.update(type=_arg_type(hint))
-        group.add_argument(f.name, **kwargs)
+        group.add_argument(f.name, nargs="*" if many else "?", **kwargs)
         return f"{metavar} [{metavar} ...]" if many else metavar
-    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text,
-                              "metavar": metavar}
-    if typing.get_origin(hint) is list:
-        kwargs.update(nargs="+", action=_ExtendLists, type=_arg_type(hint))
+    if many:
+        kwargs["nargs"] = "+"
     elif hint is bool:
-        kwargs.update(nargs="?", const=True, type=_arg_type(bool), metavar="BOOL")
-    else:
-        kwargs["type"] = _arg_type(hint)
-    group.add_argument(flag_name(f.name), **kwargs)
+        kwargs.update(nargs="?", const=True, metavar="BOOL")
+    group.add_argument(flag_name(f.name), dest=f.name, **kwargs)
     if hint is bool:  # --no-X is listed where X is on by default, accepted everywhere
         group.add_argument(flag_name("no_" + f.name), dest=f.name, action="store_const",
                            const=False, default=argparse.SUPPRESS,
