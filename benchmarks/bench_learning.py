@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import transformers
 
+from bertforge.model.bert import bert_config
+
 LABELS = {"bertforge": "bertforge", "hf_loop": "plain HF loop",
           "bertforge_zero_bias": "bertforge, MLM bias at zero (before the fix)",
           "hf_loop_prior_bias": "plain HF loop, MLM bias at the prior"}
@@ -108,7 +110,7 @@ def hf_loop(cfg, train_files: list[Path], heldout_files: list[Path], prior_bias:
     m, o, t = cfg.model, cfg.optim, cfg.train
     train, heldout = read_records(train_files), read_records(heldout_files)
     torch.manual_seed(t.random_seed)
-    model = transformers.BertForPreTraining(m.to_bert_config())  # HF's own init
+    model = transformers.BertForPreTraining(bert_config(m))  # HF's own init
     if prior_bias:
         ids = train["masked_lm_ids"][:16384]
         ids = ids[(train["masked_lm_weights"][:16384] > 0) & (ids != 0)]
@@ -155,7 +157,7 @@ def bertforge_run(cfg, run_dir: Path) -> list[dict[str, float]]:
     training steps (evaluation and checkpoints excluded, as for the HF loop) at each point."""
     import shutil
 
-    from bertforge.train.loop import pretrain
+    from bertforge.train.pretraining import pretrain
 
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -72,16 +72,18 @@ def test_version_names_bertforge_and_its_libraries(capsys):
                    f"{version('transformers')}, tokenizers {version('tokenizers')})")
 
 
-@pytest.mark.parametrize("env,asked,shown", [
-    ({}, False, True), ({}, True, False),
-    ({"TQDM_DISABLE": "1"}, False, False), ({"BERTFORGE_NO_PROGRESS": "1"}, False, False),
-    ({"TQDM_DISABLE": "0"}, False, True)])
-def test_progress_bars_honour_tqdm_disable(monkeypatch, env, asked, shown):
+@pytest.mark.parametrize("env,asked,terminal,shown", [
+    ({}, False, True, True), ({}, True, True, False), ({}, False, False, False),
+    ({"TQDM_DISABLE": "1"}, False, True, False), ({"BERTFORGE_NO_PROGRESS": "1"}, False, True, False),
+    ({"TQDM_DISABLE": "0"}, False, True, True)])
+def test_progress_bars_only_on_a_terminal_and_honour_tqdm_disable(monkeypatch, env, asked,
+                                                                   terminal, shown):
     from bertforge.data.stage import progress
     for name in ("TQDM_DISABLE", "BERTFORGE_NO_PROGRESS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     assert progress(range(3), disable=asked).disable is not shown
 
 

@@ -2,7 +2,7 @@
 mechanism as every other subcommand uses it (serve presets, flat construction, shared sections,
 required fields).
 
-~3 s in all, mostly the one transformers import (to_bert_config); the rest is pure Python.
+~3 s in all, mostly the one transformers import (bert_config); the rest is pure Python.
 Every preset of presets/pretraining.yml loads and resolves, flags beat presets without unset
 flags clobbering them, typos fail with a did-you-mean, and a resolved config survives
 to_dict/from_dict (and JSON/YAML) exactly.
@@ -338,8 +338,9 @@ def test_to_dict_from_dict_round_trip():
         PretrainConfig.from_dict(saved)
 
 
-def test_to_bert_config():
-    bert = load_config("demo_tiny_128").model.to_bert_config()
+def test_model_section_becomes_a_bert_config():
+    from bertforge.model.bert import bert_config
+    bert = bert_config(load_config("demo_tiny_128").model)
     assert (bert.hidden_size, bert.num_hidden_layers, bert.num_attention_heads,
             bert.intermediate_size, bert.layer_norm_eps, bert.attention_probs_dropout_prob,
             bert.vocab_size) == (64, 3, 8, 256, 1e-3, 0.0, 30522)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from test_pretrain import losses, tiny_config, write_random_shards
 
-from bertforge.train.loop import pretrain
+from bertforge.train.pretraining import pretrain
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -20,7 +20,7 @@ from bertforge.config import load_config
 from bertforge.data.instances import InstanceConfig, tokenize
 from bertforge.data.vocab import load_tokenizer
 from bertforge.demo import DEMO_PRESET, most_frequent_token_accuracy, prepare_sample_shards
-from bertforge.train.loop import pretrain
+from bertforge.train.pretraining import pretrain
 
 
 def small_real_corpus(preprocessed: Path, target_chars: int, out: Path) -> Path:

@@ -231,7 +231,9 @@ def test_schedule_state_round_trips_and_rejects_bad_input():
     opt.step()
     sched.step()
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx((100 - 41) / 72)
+    # The one rule for the schedule's settings is the config section's.
+    from bertforge.config import OptimSection
     with pytest.raises(ValueError, match="constant, linear"):
-        build_scheduler(opt, "cosine", 0.1, 10)
+        OptimSection(lr_schedule="cosine")
     with pytest.raises(ValueError, match="lr_warmup"):
-        build_scheduler(opt, "linear", 1.5, 10)
+        OptimSection(lr_warmup=1.5)

@@ -224,7 +224,7 @@ def test_packed_pretraining_runs_and_counts_sequences(tmp_path):
     """End to end: packed shards -> measured packing factor -> accumulation -> sequences/s."""
     from bertforge.config import load_config
     from bertforge.data.shards import encode_example_batch
-    from bertforge.train.loop import data_packing_factor, pretrain
+    from bertforge.train.pretraining import data_packing_factor, pretrain
 
     arrays = _unpacked(40, seed=5)
     table, packed = _packed(arrays)

@@ -194,11 +194,11 @@ def test_cli_end_to_end_v2_and_squad_eval(tmp_path, capsys):
 
 def test_pretraining_checkpoint_starts_the_encoder(tmp_path):
     from bertforge.config import ModelSection
-    from bertforge.model.bert import build_pretraining_model
+    from bertforge.model.bert import bert_config, build_pretraining_model
     from bertforge.train.checkpoint import save_checkpoint
     section = ModelSection(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            vocab_size=200)
-    pretrained = build_pretraining_model(section.to_bert_config())
+    pretrained = build_pretraining_model(bert_config(section))
     step = save_checkpoint(tmp_path / "pre", 7, pretrained, {"step": 7}, {})
     qa = build_qa_model(tmp_path / "pre" / "step_7", section, need_trained_head=False)
     assert torch.equal(qa.bert.embeddings.word_embeddings.weight,

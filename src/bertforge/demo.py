@@ -95,7 +95,7 @@ def most_frequent_token_accuracy(files: list[Path]) -> tuple[float, int]:
 
 def run_demo(output_dir: Path, workers: int | None = None, training_steps: int | None = None) -> int:
     from bertforge.config import load_config
-    from bertforge.train.loop import pretrain
+    from bertforge.train.pretraining import pretrain
 
     output_dir = Path(output_dir)
     began = time.perf_counter()

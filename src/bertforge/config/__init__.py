@@ -18,8 +18,8 @@ preset names, preset keys, choice values and flags.
     benchmark.py  benchmark
 SQuAD's own sections and squad-eval live with the recipe, in squad/config.py.
 
-Nothing here imports torch, transformers or numpy (ModelSection.to_bert_config imports
-transformers when called), so building the CLI stays fast; measured with `bertforge
+Nothing here imports torch, transformers, numpy or the model (the model section becomes a
+transformers.BertConfig in model/bert.py: bert_config), so building the CLI stays fast; measured with `bertforge
 --help` and `bertforge pretrain --help` in cli.py's docstring.
 """
 

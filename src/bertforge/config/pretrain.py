@@ -12,7 +12,7 @@ reference's names (micro_batch_size, mask_tokens, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from bertforge.config.core import RunConfig, Section, flag_name, opt
 
@@ -56,24 +56,6 @@ class ModelSection(Section):
         if self.hidden_size % self.num_attention_heads:
             self.fail("num_attention_heads", f"= {self.num_attention_heads} must divide "
                       f"hidden_size = {self.hidden_size}")
-
-    def to_bert_config(self) -> Any:
-        """The transformers.BertConfig of this shape (imported here: transformers is slow)."""
-        import transformers
-
-        from bertforge.model.attention import implementation
-
-        return transformers.BertConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size, hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps, hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            initializer_range=self.initializer_range,
-            attn_implementation=implementation(self.attn_implementation))
 
 
 @dataclass

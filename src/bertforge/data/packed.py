@@ -256,8 +256,6 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
     done = is_complete(output_dir, "pack", params)
     if done is not None:
         return done
-    if packs_per_shard < 1:
-        raise ValueError(f"--packs-per-shard must be at least 1, got {packs_per_shard}")
     spill_dir = output_dir / SPILL_DIR
     shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
     spill_dir.mkdir(parents=True)

@@ -229,8 +229,6 @@ def extract(dump: Path, output_dir: Path, workers: int | None = None,
     if not dump.is_file():
         raise FileNotFoundError(f"dump {dump} not found; download one with `bertforge wiki "
                                 "download` or fetch the sample with `bertforge sample fetch`")
-    if not re.fullmatch(r"\d+[KMG]?", bytes_per_file):
-        raise ValueError(f"--bytes {bytes_per_file!r}: expected a size such as 1M, 500K or 0")
     workers = workers or default_workers()
     stat = dump.stat()
     params = {"dump": str(dump.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,

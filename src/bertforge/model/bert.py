@@ -2,7 +2,7 @@
 
 `GatheredBertForPreTraining` is a `transformers.BertForPreTraining` with the same modules,
 parameters and state dict, so `save_pretrained` output loads into the stock class with no
-missing or unexpected keys (issue 3, item 1). Only `forward` differs: it takes a batch keyed
+missing or unexpected keys. Only `forward` differs: it takes a batch keyed
 by the TFRecord feature names, gathers the encoder's hidden states at `masked_lm_positions`
 and runs the prediction head (transform + vocab-wide decoder) on those rows alone.
 
@@ -41,18 +41,19 @@ that accumulates k micro-batches passes the whole step's counts (divided by the 
 size, since DDP averages gradients over ranks), so the summed micro-batch losses are exactly
 the mean over every labelled position of the step, whatever each micro-batch's label count.
 
-Packed batches (issue 4; `data/packed.py` writes them, docs/packing.md describes them) hold up
-to P sequences per row: `sequence_ids` (0 padding, k = k-th sequence) replaces `input_mask`,
-`position_ids` restart at 0 per sequence, `cls_positions` [B, P] locate each sequence's [CLS]
-and `next_sentence_mask` [B, P] marks real sequences. The encoder gets a block-diagonal 4D mask
-(token i sees token j only when both belong to the same sequence) through HF's SDPA path,
-so no sequence sees another: losses, logits and gradients equal those of the same sequences
-run one per row (tests/test_packed_pretrain.py, fp32 within 1e-5). NSP reads each sequence's
-[CLS] through the pooler; MLM positions are row positions, so the gathered head is unchanged.
-The mask costs B x S^2 bytes (bool; 1 MB for 4 x 512^2) and SDPA still computes the
-masked-out blocks: attention is ~10% of BERT-base FLOPs at 512, so packing keeps ~90% of its
-padding saving there. `--attn-implementation varlen` (model/attention.py, CUDA) replaces the
-mask with per-sequence offsets and FlashAttention computes the diagonal blocks only.
+One forward path for every layout: a batch is first read into the row layout
+(bertforge/rows.py): packed rows (`bertforge pack`, up to P sequences per row) as they are,
+the reference packer's records converted, unpacked records as packs of one (sequence ids =
+the input mask, one [CLS] at 0, one NSP slot). `sequence_ids` (0 padding, k = k-th sequence)
+give a block-diagonal mask (token i sees token j only when both belong to the same
+sequence) through HF's SDPA path, `position_ids` restart at 0 per sequence, the pooler reads
+each sequence's [CLS] (`cls_positions` [B, P]) and `next_sentence_mask` weights out empty NSP
+slots; MLM positions are row positions. Losses, logits and gradients equal those of the same
+sequences run one per row (tests/test_packed_pretrain.py, fp32 within 1e-5). The mask costs
+B x S^2 bytes (bool; 1 MB for 4 x 512^2) and SDPA still computes the masked-out blocks:
+attention is ~10% of BERT-base FLOPs at 512, so packing keeps ~90% of its padding saving
+there. `--attn-implementation varlen` (model/attention.py, CUDA) replaces the mask with
+per-sequence offsets and FlashAttention computes the diagonal blocks only.
 
 `reference_forward` is the simple path kept beside the fast one: the stock HF full-vocab head
 over every position, with labels -100 except at the masked positions; tests check both agree.
@@ -403,6 +404,22 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         self.config.architectures = ["BertForPreTraining"]
         if kwargs.get("is_main_process", True):
             self.config.save_pretrained(save_directory)
+
+
+def bert_config(model_section) -> transformers.BertConfig:
+    """The transformers.BertConfig of a config's ModelSection (shape, regularisation and
+    attention kernel). Here, not in the config: the config tree imports no model code."""
+    m = model_section
+    return transformers.BertConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        type_vocab_size=m.type_vocab_size, hidden_act=m.hidden_act,
+        layer_norm_eps=m.layer_norm_eps, hidden_dropout_prob=m.hidden_dropout_prob,
+        attention_probs_dropout_prob=m.attention_probs_dropout_prob,
+        initializer_range=m.initializer_range,
+        attn_implementation=implementation(m.attn_implementation))
 
 
 @torch.no_grad()

@@ -97,7 +97,8 @@ def build_qa_model(source: Path | str | None, model_section: Any, *, need_traine
         log.warning("no --checkpoint-input-dir: fine-tuning a randomly initialised BERT (%d "
                     "layers, hidden %d); fine for tests, meaningless for SQuAD scores",
                     m.num_hidden_layers, m.hidden_size)
-        return transformers.BertForQuestionAnswering(m.to_bert_config())
+        from bertforge.model.bert import bert_config
+        return transformers.BertForQuestionAnswering(bert_config(m))
     try:
         model, info = transformers.BertForQuestionAnswering.from_pretrained(
             source, output_loading_info=True, hidden_dropout_prob=m.hidden_dropout_prob,

@@ -190,9 +190,11 @@ class Engine:
         clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
                        metrics.get("samples", 0.0))
         saved_step = None  # the step of the last periodic checkpoint
-        from bertforge.data.stage import progress
+        from bertforge.data.stage import bars_enabled, progress
+        # A bar on a terminal, else (a log file, --disable-progress-bar) the step line.
+        use_bar = ctx.is_main and not t.disable_progress_bar and bars_enabled()
         bar = progress(range(start_step, steps), total=steps, desc=task.name, unit="step",
-                       disable=t.disable_progress_bar or not ctx.is_main)
+                       disable=not use_bar)
         bar.update(start_step)
         self.model.train()
         done = start_step
@@ -210,7 +212,7 @@ class Engine:
             result.history.append(metrics)
             if ctx.is_main:
                 logger.log(step, metrics)
-                if t.disable_progress_bar:
+                if not use_bar:
                     print(format_step_line(step, steps, metrics, task.step_fields(metrics)),
                           flush=True)
                 else:

@@ -22,8 +22,8 @@ import torch
 
 from bertforge.config import PretrainConfig
 from bertforge.model.attention import implementation
-from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model,
-                                  labelled_slots, num_sequences)
+from bertforge.model.bert import (GatheredBertForPreTraining, bert_config,
+                                  build_pretraining_model, labelled_slots, num_sequences)
 from bertforge.train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
 from bertforge.train.engine import Engine, TrainResult
 from bertforge.train.sources import eval_batches, random_batch, to_device, training_batches
@@ -51,7 +51,7 @@ class PretrainTask(Task):
         if engine.source is not None:
             return GatheredBertForPreTraining.from_pretrained(
                 engine.source, attn_implementation=implementation(m.attn_implementation))
-        model = build_pretraining_model(m.to_bert_config(),
+        model = build_pretraining_model(bert_config(m),
                                         attn_implementation=m.attn_implementation)
         init_mlm_prior(model, self.cfg)
         return model

@@ -12,15 +12,13 @@ then 5068 steps of decay reaching 0 at step 7038 (one past the last step taken, 
 runs at 1/5068 of the peak).
 
 A LambdaLR: its state (last_epoch) round-trips through state_dict() for exact resume; the
-lambda itself is rebuilt from the config, so nothing unpicklable is saved.
+lambda itself is rebuilt from the config, so nothing unpicklable is saved. The schedule name
+and warmup fraction are validated by the config's OptimSection only.
 """
 
 from __future__ import annotations
 
 import torch
-
-LR_SCHEDULES = ("constant", "linear")
-
 
 def lr_factor(step: int, lr_schedule: str, warmup_steps: int, training_steps: int) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (see module docstring)."""
@@ -34,12 +32,6 @@ def lr_factor(step: int, lr_schedule: str, warmup_steps: int, training_steps: in
 def build_scheduler(optimizer: torch.optim.Optimizer, lr_schedule: str, lr_warmup: float,
                     training_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR for `lr_schedule` with a warmup of int(lr_warmup * training_steps) steps."""
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-    if not 0.0 <= lr_warmup <= 1.0:
-        raise ValueError(f"lr_warmup is a fraction of training_steps in [0, 1] (got {lr_warmup})")
-    if training_steps < 1:
-        raise ValueError(f"training_steps must be >= 1 (got {training_steps})")
     warmup_steps = int(lr_warmup * training_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, lr_schedule, warmup_steps, training_steps))
