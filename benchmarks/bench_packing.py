@@ -59,7 +59,7 @@ def bench_solve(args) -> None:
 def bench_pack(args) -> None:
     import resource
 
-    from bertforge.data.packed import pack_files
+    from bertforge.data.pack import pack_files
     out = Path(args.output or tempfile.mkdtemp(prefix="bench-pack-"))
     start = time.perf_counter()
     summary = pack_files([args.input], out, sequence_length=args.sequence_length,
@@ -85,7 +85,7 @@ def same_sequences(records: dict[str, torch.Tensor], batch_size: int, max_per_pa
                    algorithm: str = "nnlshp"):
     """(unpacked batches, packed batches, sequences per packed row) of one batch of unpacked
     `records`: the two variants then train on exactly the same sequences and real tokens."""
-    from bertforge.data.packed import layout_packs, packed_mask_slots
+    from bertforge.data.pack import layout_packs, packed_mask_slots
     from bertforge.data.packing import pack_lengths
     arrays = {k: v.numpy() for k, v in records.items()}
     count, s = arrays["input_ids"].shape

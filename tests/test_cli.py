@@ -78,7 +78,7 @@ def test_version_names_bertforge_and_its_libraries(capsys):
     ({"TQDM_DISABLE": "0"}, False, True, True)])
 def test_progress_bars_only_on_a_terminal_and_honour_tqdm_disable(monkeypatch, env, asked,
                                                                    terminal, shown):
-    from bertforge.data.stage import progress
+    from bertforge.progress import progress
     for name in ("TQDM_DISABLE", "BERTFORGE_NO_PROGRESS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():

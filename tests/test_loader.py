@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bertforge.data.loader import PretrainingDataset, make_dataloader
 from bertforge.data.example import encode_example
+from bertforge.data.loader import PretrainingDataset, make_dataloader
 from bertforge.data.tfrecord import CorruptRecordError, RecordWriter, read_index
 
 SEQ, MASKS = 8, 3

@@ -17,11 +17,12 @@ import transformers
 from bertforge.config import PretrainConfig
 from bertforge.data.example import encode_example
 from bertforge.data.loader import PretrainingDataset
-from bertforge.data.packed import check_inputs, layout_packs, packed_batch
-from bertforge.rows import from_reference_layout
+from bertforge.data.loader import check_inputs, packed_batch
+from bertforge.data.pack import layout_packs
 from bertforge.data.packing import pack_lengths
 from bertforge.data.tfrecord import RecordWriter
 from bertforge.model.bert import build_pretraining_model, num_sequences
+from bertforge.rows import from_reference_layout
 
 S, M, VOCAB = 32, 5, 97
 

@@ -18,8 +18,9 @@ import pytest
 
 from bertforge.cli import main
 from bertforge.data.example import decode_example
-from bertforge.data.packed import (SPILL_DIR, check_inputs, measure_packing_factor, pack_files,
-                                   shuffle_files)
+from bertforge.data.loader import check_inputs, measure_packing_factor
+from bertforge.data.pack import SPILL_DIR, pack_files
+from bertforge.data.shuffle import shuffle_files
 from bertforge.data.packing import (full_strategies, pack_histogram, pack_lengths, split_plan,
                                     strategy_lengths, wikipedia_like_histogram)
 from bertforge.data.shards import encode_example_batch

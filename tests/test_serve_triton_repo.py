@@ -29,10 +29,10 @@ pytest.importorskip("tritonclient.http")
 if int(np.__version__.split(".")[0]) >= 2:
     pytest.skip("PyTriton 0.7's python backend stub needs numpy<2", allow_module_level=True)
 
+from bertforge.serve.bench import synthetic_rows  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, export  # noqa: E402
 from bertforge.serve.qa import QAEngine, load_qa_checkpoint  # noqa: E402
 from bertforge.squad.features import WindowSpec  # noqa: E402
-from bertforge.serve.bench import synthetic_rows  # noqa: E402
 from bertforge.serve.triton_repo import (backend_directory, start_tritonserver,  # noqa: E402
                                          wait_ready)
 from conftest import alive, descendants, tiny_qa_model  # noqa: E402

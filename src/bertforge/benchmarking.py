@@ -65,7 +65,8 @@ from typing import Any
 
 import yaml
 
-from bertforge.data.stage import atomic_output, default_workers
+from bertforge.data.stage import default_workers
+from bertforge.files import atomic_output
 
 ENTRY_KEYS = ("cmd", "parameters", "env", "timeout", "description", "metrics")
 DEFAULTS_KEYS = ("env", "timeout")

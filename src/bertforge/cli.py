@@ -92,7 +92,7 @@ def cmd_index(cfg: IndexConfig) -> int:
 
 
 def cmd_pack(cfg: PackConfig) -> int:
-    from bertforge.data.packed import pack_files
+    from bertforge.data.pack import pack_files
     f, p = cfg.files, cfg.packing
     print(pack_files(f.inputs, f.output_dir, sequence_length=p.sequence_length,
                      max_sequences_per_pack=p.max_sequences_per_pack, algorithm=p.algorithm,
@@ -101,7 +101,7 @@ def cmd_pack(cfg: PackConfig) -> int:
 
 
 def cmd_shuffle(cfg: ShuffleConfig) -> int:
-    from bertforge.data.packed import shuffle_files
+    from bertforge.data.shuffle import shuffle_files
     s = cfg.shuffle
     print(shuffle_files(s.inputs, s.output_dir, seed=s.seed, num_shards=s.num_shards,
                         workers=s.workers).line())

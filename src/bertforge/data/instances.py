@@ -60,8 +60,9 @@ from bertforge.config.data import InstanceConfig  # the parameters, validated th
 from bertforge.data.fast_wordpiece import SentenceEncoder
 from bertforge.data.shards import (ShardSpill, encode_example_batch, write_shard,
                                    write_shard_from_spill)
-from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete, progress
+from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
 from bertforge.data.text_tasks import Piece, find_input_files, plan_tasks, read_task
+from bertforge.progress import progress
 
 TASK_BYTES = 1 << 20          # text per task: the random-document pool and the unit of work
 SHARD_BYTES = 64 << 20        # default shard size target

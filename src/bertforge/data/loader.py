@@ -23,6 +23,11 @@ Cost: the global record list is 20 bytes per record per process and an epoch per
 bytes per record (160 MB each for a 7M-record, 2x Wikipedia-sized dataset), built in each worker
 once per epoch; fine up to ~10^8 records, beyond which a two-level shuffle (shards, then
 records within a window) would be needed.
+
+What the shards hold is checked here too, before a run starts: `record_kind` reads one record
+per file (unpacked, packed, or the reference packer's), `check_inputs` refuses mixed kinds or a
+kind that contradicts --packed-data, `measure_packing_factor` samples sequences per packed
+row, and `packed_batch` reads a packed batch into the row layout (bertforge/rows.py).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bertforge import rows
 from bertforge.data.example import decode_examples
-from bertforge.data.tfrecord import INDEX_SUFFIX, read_index, read_record_at
+from bertforge.data.tfrecord import INDEX_SUFFIX, iter_records, read_index, read_record_at
 
 
 def expand_files(patterns: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -218,3 +224,63 @@ def masked_label_counts(files: Sequence[str | Path], vocab_size: int,
         if seen >= max_records:
             break
     return counts
+
+
+# ---------------------------------------------------------------- what the shards hold
+def packed_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any packed batch (ours or the reference's) in this project's layout."""
+    if rows.is_unpacked(batch):
+        raise ValueError("--packed-data is set but the records are not packed (no sequence_ids); "
+                         "run `bertforge pack` first or drop --packed-data")
+    return rows.as_rows(batch)
+
+
+def record_kind(path: str | Path) -> str:
+    """'packed', 'reference-packed' or 'unpacked', from the first record of a shard."""
+    for record in iter_records(path):
+        keys = decode_examples([record]).keys()
+        if "packed_input_ids" in keys:
+            return "reference-packed"
+        return "packed" if "sequence_ids" in keys else "unpacked"
+    raise ValueError(f"{path}: holds no records")
+
+
+def check_inputs(files, packed: bool) -> None:
+    """Refuse mixed packed and unpacked inputs, or a kind that does not match --packed-data."""
+    kinds = {str(f): record_kind(f) for f in expand_files(files)}
+    packed_files = [f for f, k in kinds.items() if k != "unpacked"]
+    unpacked_files = [f for f, k in kinds.items() if k == "unpacked"]
+    if packed_files and unpacked_files:
+        raise ValueError(f"mixed packed ({packed_files[0]}) and unpacked ({unpacked_files[0]}) "
+                         "input files; pack all of them with `bertforge pack` or give only one kind")
+    if packed and unpacked_files:
+        raise ValueError(f"--packed-data is set but {unpacked_files[0]} is unpacked; run "
+                         "`bertforge pack` on it or drop --packed-data")
+    if not packed and packed_files:
+        raise ValueError(f"{packed_files[0]} holds packed records; add --packed-data")
+
+
+def measure_packing_factor(files, sample: int = 4096, seed: int = 0) -> float:
+    """Mean sequences per record over a seeded sample of records of packed shards."""
+    paths = expand_files(files)
+    indexes = [read_index(p) for p in paths]
+    total = sum(len(i) for i in indexes)
+    if not total:
+        raise ValueError(f"no records in {paths[0]}...")
+    picks = np.sort(np.random.default_rng(seed).choice(total, min(sample, total), replace=False))
+    starts = np.cumsum([0] + [len(i) for i in indexes])
+    records = []
+    for file_id, path in enumerate(paths):
+        mine = picks[(picks >= starts[file_id]) & (picks < starts[file_id + 1])] - starts[file_id]
+        if not len(mine):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            records += [read_record_at(fd, path, *indexes[file_id][i].tolist(), True) for i in mine.tolist()]
+        finally:
+            os.close(fd)
+    arrays = decode_examples(records)
+    key = "next_sentence_mask" if "next_sentence_mask" in arrays else "packed_next_sentence_mask"
+    if key not in arrays:
+        raise ValueError(f"{paths[0]}: records are not packed (no next_sentence_mask)")
+    return float((np.asarray(arrays[key]) > 0).sum(1).mean())

@@ -1,9 +1,10 @@
-"""Habits shared by every data stage: skip-if-complete, counted skips, summary line, progress, workers.
+"""Habits shared by every data stage: skip-if-complete, counted skips, summary line, workers.
 
-Issue 2 asks each stage (extract, preprocess, tokenize, index, ...) to skip outputs that are
-already complete on re-run, to count every dropped document/sentence/instance by reason, to
-end with a one-line summary and to show a progress bar. Keeping those here lets each stage
-module hold only its algorithm.
+Each stage (extract, preprocess, tokenize, index, pack, shuffle) skips outputs that are
+already complete on re-run, counts every dropped document/sentence/instance by reason, ends
+with a one-line summary and runs on all cores by default. Keeping those here lets each stage
+module hold only its algorithm (progress bars: bertforge/progress.py; write-then-rename
+outputs: bertforge/files.py).
 
 Completion is recorded by a small manifest, `<output_dir>/.bertforge-<stage>.json`, holding
 the stage's parameters and the outputs it wrote. It is written last, after every output was
@@ -13,17 +14,15 @@ same parameters whose outputs all exist is skipped, any other re-run redoes the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from bertforge.files import atomic_output
 
 
 def default_workers() -> int:
@@ -32,26 +31,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def bars_enabled() -> bool:
-    """Whether progress bars may be drawn: stderr is a terminal and neither
-    BERTFORGE_NO_PROGRESS=1 nor tqdm's own TQDM_DISABLE=1 is set. A bar redrawn into a log
-    file or a CI log is noise, so there a loop prints lines instead."""
-    off = any(os.environ.get(name, "").strip().lower() not in ("", "0", "false")
-              for name in ("BERTFORGE_NO_PROGRESS", "TQDM_DISABLE"))
-    return not off and sys.stderr.isatty()
-
-
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", disable: bool | None = None, unit_scale: bool = False) -> tqdm:
-    """A tqdm bar on stderr, drawn only where `bars_enabled()`, whatever the caller asked for.
-
-    unit_scale=True shows byte counts as KiB/MiB (divisor 1024)."""
-    disable = not bars_enabled() or bool(disable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000)
 
 
 @dataclass
@@ -114,17 +93,3 @@ def mark_complete(output_dir: Path, stage: str, params: dict[str, Any],
                 "summary": summary.as_dict()}
     with atomic_output(_manifest_path(output_dir, stage)) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -29,7 +29,9 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from bertforge.data.stage import Summary, atomic_output, default_workers, progress
+from bertforge.data.stage import Summary, default_workers
+from bertforge.files import atomic_output
+from bertforge.progress import progress
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # length, masked crc of the length bytes

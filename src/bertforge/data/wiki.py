@@ -41,8 +41,9 @@ from importlib.metadata import version
 from multiprocessing import Pool
 from pathlib import Path
 
-from bertforge.data.stage import (Summary, atomic_output, default_workers, is_complete,
-                                  mark_complete, progress)
+from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
+from bertforge.files import atomic_output
+from bertforge.progress import progress
 
 DEFAULT_DUMP_URL = ("https://dumps.wikimedia.org/enwiki/latest/"
                     "enwiki-latest-pages-articles-multistream.xml.bz2")

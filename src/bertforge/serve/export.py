@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bertforge.config.serve import ExportConfig
-from bertforge.data.stage import atomic_output
+from bertforge.files import atomic_output
 from bertforge.serve.qa import PAD_LOGIT
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -159,7 +159,7 @@ def predict_logits(model: torch.nn.Module, windows: Sequence[Window], *, batch_s
     BertForQuestionAnswering; with `packed_length` windows are packed into rows of that many
     tokens, else one per row padded to the batch's longest. `batch_size` counts windows per
     forward pass either way."""
-    from bertforge.data.stage import progress as bar
+    from bertforge.progress import progress as bar
     row_model = QuestionAnsweringRows(model).eval()
     packs = (pack_windows(windows, packed_length, algorithm=algorithm) if packed_length
              else [[k] for k in range(len(windows))])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertforge.data.stage import atomic_output
+from bertforge.files import atomic_output
 from bertforge.squad.data import SquadExample
 from bertforge.squad.features import Window
 

@@ -190,7 +190,7 @@ class Engine:
         clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
                        metrics.get("samples", 0.0))
         saved_step = None  # the step of the last periodic checkpoint
-        from bertforge.data.stage import bars_enabled, progress
+        from bertforge.progress import bars_enabled, progress
         # A bar on a terminal, else (a log file, --disable-progress-bar) the step line.
         use_bar = ctx.is_main and not t.disable_progress_bar and bars_enabled()
         bar = progress(range(start_step, steps), total=steps, desc=task.name, unit="step",

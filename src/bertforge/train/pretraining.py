@@ -186,7 +186,7 @@ def data_packing_factor(data) -> float:
     and unpacked inputs, or a kind that contradicts --packed-data, are refused here."""
     if data.synthetic_data or data.dataset != "pretraining" or not data.input_files:
         return 1.0
-    from bertforge.data.packed import check_inputs, measure_packing_factor
+    from bertforge.data.loader import check_inputs, measure_packing_factor
     check_inputs(data.input_files, data.packed_data)
     if data.eval_files:
         check_inputs(data.eval_files, data.packed_data)

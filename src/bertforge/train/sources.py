@@ -64,7 +64,7 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
                                  start_batch=start_batch)
     loader = make_dataloader(dataset, data.dataloader_workers)
     if data.packed_data:  # the reference packer's layout is converted on the fly
-        from bertforge.data.packed import packed_batch
+        from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in loader)
     return (to_device(b, device) for b in loader)
 
@@ -76,6 +76,6 @@ def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_si
     dataset = PretrainingDataset(files, micro_batch_size, shuffle=False, rank=rank,
                                  world_size=world_size, infinite=False)
     if packed:
-        from bertforge.data.packed import packed_batch
+        from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in make_dataloader(dataset, 0))
     return (to_device(b, device) for b in make_dataloader(dataset, 0))

@@ -1,6 +1,6 @@
-"""`bertforge pack` and `bertforge shuffle`: packed pre-training shards, and the reader side.
+"""`bertforge pack`: packed pre-training shards (several sequences per row).
 
-Pack stage (issue 4): memory bounded by the length histogram and one shard per worker, not
+Memory bounded by the length histogram and one shard per worker, not
 by the dataset; three passes, the two heavy ones parallel:
 
 1. Buckets (one process per input shard): read the shard, decode it in chunks only for each
@@ -43,26 +43,25 @@ token of its span (unlike the reference packer: `rows.from_reference_layout` rea
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bertforge import rows
 from bertforge.data.example import decode_examples
 from bertforge.data.loader import expand_files
 from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
-from bertforge.data.shards import ShardSpill, encode_example_batch, write_shard_from_spill
-from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete, progress
-from bertforge.data.tfrecord import RecordWriter, iter_records, read_index, read_record_at
+from bertforge.data.shards import encode_example_batch
+from bertforge.progress import progress
+from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
+from bertforge.data.tfrecord import RecordWriter, iter_records
 
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
 SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed at the end
-_CHUNK = 4096  # records decoded at once (bucket pass, shuffle), packs laid out at once (write)
+_CHUNK = 4096  # records decoded at once (bucket pass), packs laid out at once (write)
 
 
 def _labelled(arrays: dict) -> np.ndarray:
@@ -323,116 +322,3 @@ def _shard_job(plan: PackingPlan, counts: np.ndarray, path: str, spill_dir: str,
     used = np.nonzero(counts)[0].tolist()
     return (path, spill_dir, ranges, [plan.strategies[i] for i in used],
             [int(counts[i]) for i in used], sequence_length, mask_slots, width, seed, shard)
-
-
-# ---------------------------------------------------------------- shuffle
-def shuffle_files(inputs, output_dir: str | Path, *, seed: int = 12345,
-                  num_shards: int | None = None, memory_limit: int = 128 << 20,
-                  workers: int | None = None) -> Summary:
-    """Global shuffle of any TFRecord shards (packed or not) with bounded memory.
-
-    Pass 1 sends each record to a random output shard (seeded per input file) through
-    `ShardSpill` (at most `memory_limit` bytes buffered); pass 2 permutes and writes each
-    output shard in parallel. Memory: the buffer plus one output shard.
-    """
-    output_dir = Path(output_dir)
-    files = [str(f) for f in expand_files(inputs)]
-    num_shards = num_shards or len(files)
-    params = {"inputs": files, "seed": seed, "num_shards": num_shards}
-    done = is_complete(output_dir, "shuffle", params)
-    if done is not None:
-        return done
-    spill = ShardSpill(output_dir / ".shuffle-spill", num_shards, memory_limit)
-    total = 0
-    for file_no, path in enumerate(progress(files, desc="shuffle: spread", unit="file")):
-        rng = np.random.default_rng([seed, 2, file_no])
-        batch: list[bytes] = []
-        for record in iter_records(path):
-            batch.append(record)
-            if len(batch) == _CHUNK:
-                total += _spread(spill, batch, rng)
-        total += _spread(spill, batch, rng)
-    spill.flush()
-    paths = [output_dir / f"shuffled-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
-    jobs = [(str(spill.path(i)), str(paths[i]), seed, i) for i in range(num_shards)]
-    ctx = get_context("fork")
-    with ctx.Pool(min(workers or default_workers(), num_shards)) as pool:
-        written = sum(progress(pool.imap(write_shard_from_spill, jobs), total=num_shards,
-                               desc="shuffle: write", unit="shard"))
-    shutil.rmtree(output_dir / ".shuffle-spill", ignore_errors=True)
-    if written != total:
-        raise RuntimeError(f"shuffle: {total} records in but {written} written")
-    summary = Summary("shuffle")
-    summary.counts.update({"records in": total, "records out": written, "shards": num_shards})
-    mark_complete(output_dir, "shuffle", params, paths, summary)
-    return summary
-
-
-def _spread(spill: ShardSpill, batch: list[bytes], rng: np.random.Generator) -> int:
-    targets = rng.integers(0, spill.num_shards, len(batch))
-    for shard in np.unique(targets).tolist():
-        picked = [batch[i] for i in np.nonzero(targets == shard)[0].tolist()]
-        spill.add(shard, np.array([len(r) for r in picked], np.int64), b"".join(picked))
-    count = len(batch)
-    batch.clear()
-    return count
-
-
-# ---------------------------------------------------------------- reader side
-def packed_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any packed batch (ours or the reference's) in this project's layout."""
-    if rows.is_unpacked(batch):
-        raise ValueError("--packed-data is set but the records are not packed (no sequence_ids); "
-                         "run `bertforge pack` first or drop --packed-data")
-    return rows.as_rows(batch)
-
-
-def record_kind(path: str | Path) -> str:
-    """'packed', 'reference-packed' or 'unpacked', from the first record of a shard."""
-    for record in iter_records(path):
-        keys = decode_examples([record]).keys()
-        if "packed_input_ids" in keys:
-            return "reference-packed"
-        return "packed" if "sequence_ids" in keys else "unpacked"
-    raise ValueError(f"{path}: holds no records")
-
-
-def check_inputs(files, packed: bool) -> None:
-    """Refuse mixed packed and unpacked inputs, or a kind that does not match --packed-data."""
-    kinds = {str(f): record_kind(f) for f in expand_files(files)}
-    packed_files = [f for f, k in kinds.items() if k != "unpacked"]
-    unpacked_files = [f for f, k in kinds.items() if k == "unpacked"]
-    if packed_files and unpacked_files:
-        raise ValueError(f"mixed packed ({packed_files[0]}) and unpacked ({unpacked_files[0]}) "
-                         "input files; pack all of them with `bertforge pack` or give only one kind")
-    if packed and unpacked_files:
-        raise ValueError(f"--packed-data is set but {unpacked_files[0]} is unpacked; run "
-                         "`bertforge pack` on it or drop --packed-data")
-    if not packed and packed_files:
-        raise ValueError(f"{packed_files[0]} holds packed records; add --packed-data")
-
-
-def measure_packing_factor(files, sample: int = 4096, seed: int = 0) -> float:
-    """Mean sequences per record over a seeded sample of records of packed shards."""
-    paths = expand_files(files)
-    indexes = [read_index(p) for p in paths]
-    total = sum(len(i) for i in indexes)
-    if not total:
-        raise ValueError(f"no records in {paths[0]}...")
-    picks = np.sort(np.random.default_rng(seed).choice(total, min(sample, total), replace=False))
-    starts = np.cumsum([0] + [len(i) for i in indexes])
-    records = []
-    for file_id, path in enumerate(paths):
-        mine = picks[(picks >= starts[file_id]) & (picks < starts[file_id + 1])] - starts[file_id]
-        if not len(mine):
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            records += [read_record_at(fd, path, *indexes[file_id][i].tolist(), True) for i in mine.tolist()]
-        finally:
-            os.close(fd)
-    arrays = decode_examples(records)
-    key = "next_sentence_mask" if "next_sentence_mask" in arrays else "packed_next_sentence_mask"
-    if key not in arrays:
-        raise ValueError(f"{paths[0]}: records are not packed (no next_sentence_mask)")
-    return float((np.asarray(arrays[key]) > 0).sum(1).mean())
