@@ -10,8 +10,9 @@
      model inputs. Window counts and input ids are checked equal before timing is reported.
 2. Inference windows/s on CPU at 384, packed vs unpacked, in one run on the same windows of
    that data (the first --inference-windows of them, prediction features, mini BERT by
-   default): unpacked = `predict_logits` padded to 384 (the reference's layout); packed =
-   `predict_logits_packed` (up to 3 windows per 384-token row, block-diagonal attention).
+   default): unpacked = the stock Hugging Face forward on windows padded to 384 (the
+   reference's layout; squad/forward.py's `reference_logits`); packed = `predict_logits` with
+   `packed_length=384` (up to 3 windows per 384-token row, block-diagonal attention).
    Both at --eval-batch windows per forward; the logits are checked equal (1e-4) first.
    Floor (issue 5, item 9): packed >= 1.5x unpacked. benchmarks/gpu_check.py runs the same
    comparison on CUDA in bf16 (`bench_inference(..., device="cuda", precision="bf16")`).
@@ -179,8 +180,8 @@ def bench_inference(data: dict, tokenizer, shape: str, num_windows: int, batch: 
 
     from bertforge.squad.data import examples_from_articles
     from bertforge.squad.features import WindowSpec, build_windows
-    from bertforge.squad.finetune import predict_logits
-    from bertforge.squad.packed import pack_windows, predict_logits_packed
+    from bertforge.squad.forward import (pack_windows, padded_tensors, predict_logits,
+                                         reference_logits)
 
     examples = examples_from_articles(data["data"], source="synthetic", is_training=False,
                                       squad_v2=False).examples
@@ -200,13 +201,28 @@ def bench_inference(data: dict, tokenizer, shape: str, num_windows: int, batch: 
           f"({len(windows) / len(packs):.2f} windows per row, "
           f"{fill / (384 * len(packs)):.0%} full)")
     common = dict(batch_size=batch, device=dev, precision=autocast, pad_id=tokenizer.pad_token_id)
-    runs = {"unpacked": lambda: predict_logits(model, windows, pad_to=384, **common),
+
+    @torch.no_grad()
+    def padded_to_384(chunk_windows):
+        """Per-window start/end logits of the stock forward on rows padded to 384."""
+        starts, ends = [], []
+        for i in range(0, len(chunk_windows), batch):
+            chunk = chunk_windows[i:i + batch]
+            with autocast.autocast():
+                start, end = reference_logits(model, padded_tensors(
+                    chunk, dev, pad_to=384, pad_id=tokenizer.pad_token_id))
+            start, end = start.float().cpu().numpy(), end.float().cpu().numpy()
+            starts += [start[k, :len(w)] for k, w in enumerate(chunk)]
+            ends += [end[k, :len(w)] for k, w in enumerate(chunk)]
+        return starts, ends
+
+    runs = {"unpacked": lambda: padded_to_384(windows),
             # bertforge's own unpacked default, for reference: rows padded to the batch's longest
             "unpacked_longest": lambda: predict_logits(model, windows, **common),
-            "packed": lambda: predict_logits_packed(model, windows, sequence_length=384, **common)}
+            "packed": lambda: predict_logits(model, windows, packed_length=384, **common)}
     # Warm-up (allocator, kernels) on one batch's worth of windows, each way.
-    predict_logits(model, windows[:batch], pad_to=384, **common)
-    predict_logits_packed(model, windows[:batch], sequence_length=384, **common)
+    padded_to_384(windows[:batch])
+    predict_logits(model, windows[:batch], packed_length=384, **common)
     rates, logits = {}, {}
     for name, run in runs.items():
         start = time.perf_counter()
