@@ -136,8 +136,9 @@ def hf_prepare_train_features(examples: dict, tokenizer, max_length: int = 384,
 
 
 def bench_features(data: dict, tokenizer, repeat: int) -> None:
+    from bertforge.config.serve import WindowSection
     from bertforge.squad.data import examples_from_articles
-    from bertforge.squad.features import WindowSpec, build_windows, pad_windows
+    from bertforge.squad.features import build_windows, pad_windows
 
     examples = examples_from_articles(data["data"], source="synthetic", is_training=True,
                                       squad_v2=False).examples
@@ -145,7 +146,7 @@ def bench_features(data: dict, tokenizer, repeat: int) -> None:
     columns = {"question": [e.question for e in examples], "context": [e.context for e in examples],
                "answers": [{"text": [e.answers[0][0]], "answer_start": [e.answers[0][1]]}
                            for e in examples]}
-    spec = WindowSpec(384, 128, 64)
+    spec = WindowSection(384, 128, 64)
     hf_times, our_times = [], []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -178,14 +179,15 @@ def bench_inference(data: dict, tokenizer, shape: str, num_windows: int, batch: 
 
     from bertforge.train.precision import Precision
 
+    from bertforge.config.serve import WindowSection
     from bertforge.squad.data import examples_from_articles
-    from bertforge.squad.features import WindowSpec, build_windows
+    from bertforge.squad.features import build_windows
     from bertforge.squad.forward import (pack_windows, padded_tensors, predict_logits,
                                          reference_logits)
 
     examples = examples_from_articles(data["data"], source="synthetic", is_training=False,
                                       squad_v2=False).examples
-    windows = build_windows(examples, tokenizer, WindowSpec(384, 128, 64),
+    windows = build_windows(examples, tokenizer, WindowSection(384, 128, 64),
                             is_training=False)[:num_windows]
     torch.manual_seed(0)
     shape_kwargs = SHAPES[shape]

@@ -158,7 +158,7 @@ def run_bertforge(train_file: Path, heldout_file: Path, hp: Hyper, seed: int, ru
     begin = time.perf_counter()
     result = squad(cfg)
     elapsed = time.perf_counter() - begin
-    train_s = sum(h["samples"] / h["samples_per_s"] for h in result.history)
+    train_s = sum(h["sequences"] / h["samples_per_s"] for h in result.history)
     return {"em": result.eval["exact_match"], "f1": result.eval["f1"], "time_s": elapsed,
             "train_s": train_s, "steps": result.steps}
 
@@ -166,11 +166,12 @@ def run_bertforge(train_file: Path, heldout_file: Path, hp: Hyper, seed: int, ru
 def bertforge_step0(heldout_file: Path, hp: Hyper, seed: int, model_dir: Path
                     ) -> dict[str, float]:
     """The model bertforge's run starts from (same seeding, same loader), scored by the calls
-    SquadTrainer.validate makes."""
+    SquadTask.validate makes."""
     import transformers
 
+    from bertforge.config.serve import WindowSection
     from bertforge.squad.data import read_squad
-    from bertforge.squad.features import WindowSpec, build_windows
+    from bertforge.squad.features import build_windows
     from bertforge.squad.finetune import build_qa_model, predict_logits
     from bertforge.squad.metric import evaluate_v1
     from bertforge.squad.postprocess import postprocess
@@ -181,7 +182,7 @@ def bertforge_step0(heldout_file: Path, hp: Hyper, seed: int, model_dir: Path
     model = build_qa_model(model_dir, cfg.model, need_trained_head=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     dataset = read_squad(heldout_file, is_training=False, squad_v2=False)
-    windows = build_windows(dataset.examples, tokenizer, WindowSpec(
+    windows = build_windows(dataset.examples, tokenizer, WindowSection(
         hp.sequence_length, hp.doc_stride, hp.max_query_length), is_training=False)
     starts, ends = predict_logits(model, windows, batch_size=hp.eval_batch_size,
                                   device=torch.device("cpu"),
@@ -363,11 +364,12 @@ def count_same_windows(train_file: Path, hp: Hyper, model_dir: Path) -> tuple[in
     """(bertforge windows, hf_loop windows, identical ones: same token ids and labels)."""
     import transformers
 
+    from bertforge.config.serve import WindowSection
     from bertforge.squad.data import read_squad
-    from bertforge.squad.features import WindowSpec, build_windows
+    from bertforge.squad.features import build_windows
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     dataset = read_squad(train_file, is_training=True, squad_v2=False)
-    ours = build_windows(dataset.examples, tokenizer, WindowSpec(
+    ours = build_windows(dataset.examples, tokenizer, WindowSection(
         hp.sequence_length, hp.doc_stride, hp.max_query_length), is_training=True)
     theirs = hf_train_features(tokenizer, squad_rows(train_file)[0], hp)
     same = sum(w.input_ids.tolist() == f["input_ids"] and w.start_position == f["start_positions"]

@@ -371,15 +371,15 @@ def serve_engine(record: dict) -> None:
     import transformers
     from bench_serve import SHAPES
 
+    from bertforge.config.serve import WindowSection
     from bertforge.serve.bench import INPUTS, synthetic_rows
     from bertforge.serve.qa import QAEngine
-    from bertforge.squad.features import WindowSpec
     hidden, layers, heads = SHAPES[SERVE_SHAPE]
     config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers,
                                      num_attention_heads=heads, intermediate_size=4 * hidden)
     torch.manual_seed(0)
     model = transformers.BertForQuestionAnswering(config).to(DEVICE, torch.bfloat16).eval()
-    engine = QAEngine(model, None, WindowSpec(sequence_length=SERVE_SEQUENCE_LENGTH))
+    engine = QAEngine(model, None, WindowSection(sequence_length=SERVE_SEQUENCE_LENGTH))
     rows = synthetic_rows(max(SERVE_BATCHES), SERVE_SEQUENCE_LENGTH, config.vocab_size)
     some = [rows[k][:8] for k in INPUTS]
     # bf16 logits move by ~1e-2 with the kernel: bench_serve.py compares at the same tolerance.

@@ -10,20 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bertforge.config.serve import WindowSection
 from bertforge.serve.bench import synthetic_rows
 from bertforge.serve.qa import PAD_LOGIT, QAEngine
-from bertforge.squad.features import WindowSpec
 from conftest import tiny_qa_model
 
 S = 64
+SPEC = WindowSection(sequence_length=S, doc_stride=16, max_query_length=16)
 
 
 @pytest.fixture(scope="module", params=["flat", "packs"])
 def engine(request, tmp_path_factory):
     from bertforge.serve.qa import load_qa_checkpoint
     model, tokenizer = load_qa_checkpoint(tiny_qa_model(tmp_path_factory.mktemp("qa") / "m", seed=1))
-    return QAEngine(model, tokenizer, WindowSpec(sequence_length=S, max_query_length=16,
-                                                 doc_stride=16), layout=request.param)
+    return QAEngine(model, tokenizer, SPEC, layout=request.param)
 
 
 def test_default_layout_is_flat_in_cpu_fp32_and_where_varlen_has_a_kernel(tmp_path):
@@ -35,10 +35,10 @@ def test_default_layout_is_flat_in_cpu_fp32_and_where_varlen_has_a_kernel(tmp_pa
     assert default_layout(torch.device("cuda"), torch.float32) == "packs"
     assert default_layout(torch.device("cuda"), torch.bfloat16) == "flat"  # torch 2.13 has it
     model, _ = load_qa_checkpoint(tiny_qa_model(tmp_path / "m", seed=1))
-    engine = QAEngine(model, None, WindowSpec(sequence_length=S))
+    engine = QAEngine(model, None, SPEC)
     assert engine.layout == "flat" and model.config._attn_implementation == VARLEN
     with pytest.raises(ValueError, match="choose flat or packs"):
-        QAEngine(model, None, WindowSpec(sequence_length=S), layout="rows")
+        QAEngine(model, None, SPEC, layout="rows")
 
 
 def _agree(engine, rows, calls: list | None = None):

@@ -29,10 +29,10 @@ pytest.importorskip("tritonclient.http")
 if int(np.__version__.split(".")[0]) >= 2:
     pytest.skip("PyTriton 0.7's python backend stub needs numpy<2", allow_module_level=True)
 
+from bertforge.config.serve import WindowSection  # noqa: E402
 from bertforge.serve.bench import synthetic_rows  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, export  # noqa: E402
 from bertforge.serve.qa import QAEngine, load_qa_checkpoint  # noqa: E402
-from bertforge.squad.features import WindowSpec  # noqa: E402
 from bertforge.serve.triton_repo import (backend_directory, start_tritonserver,  # noqa: E402
                                          wait_ready)
 from conftest import alive, descendants, tiny_qa_model  # noqa: E402
@@ -62,7 +62,7 @@ def exported(tmp_path_factory):
 def test_stock_tritonserver_serves_the_exported_repository(exported, tmp_path):
     model_dir, repository, backends = exported
     model, _ = load_qa_checkpoint(model_dir)
-    engine = QAEngine(model, None, WindowSpec(sequence_length=S))
+    engine = QAEngine(model, None, WindowSection(sequence_length=S, doc_stride=8, max_query_length=8))
     rows = synthetic_rows(12, S, model.config.vocab_size, seed=3)
     # Six requests of 2 rows each in flight at once: the dynamic batcher (20 ms) merges some.
     payloads = [{k: v[i:i + 2] for k, v in rows.items()} for i in range(0, 12, 2)]

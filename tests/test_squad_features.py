@@ -12,7 +12,8 @@ import pytest
 
 from bertforge.squad.data import (SquadExample, examples_from_articles, load_split, read_squad,
                                   rows_to_articles)
-from bertforge.squad.features import WindowSpec, build_windows, pad_windows
+from bertforge.config.serve import WindowSection
+from bertforge.squad.features import build_windows, pad_windows
 
 WORDS = ("river valley market olive grape museum harbour bridge tower garden castle forest "
          "meadow village station library theatre festival mountain island").split()
@@ -133,7 +134,7 @@ def test_dataset_without_the_datasets_package_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------- windows
-SPEC = WindowSpec(sequence_length=64, doc_stride=16, max_query_length=16)
+SPEC = WindowSection(sequence_length=64, doc_stride=16, max_query_length=16)
 
 
 def test_windows_equal_hugging_face_overflow(tokenizer):
@@ -178,7 +179,7 @@ def test_answer_straddling_a_window_edge(tokenizer):
     first = w0.num_context_tokens - 2
     start_char = int(w0.offsets[first, 0])
     full = build_windows([SquadExample("p", "Which word?", context)], tokenizer,
-                         WindowSpec(4096, 16, 16), is_training=False)[0]
+                         WindowSection(4096, 16, 16), is_training=False)[0]
     end_char = int(full.offsets[first + 3, 1])
     answer = context[start_char:end_char]
     ex = SquadExample("p", "Which word?", context, answers=[(answer, start_char)])

@@ -16,9 +16,10 @@ import transformers
 from test_squad_finetune import FILLER, make_squad
 
 from bertforge.config import load_config
+from bertforge.config.serve import WindowSection
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import examples_from_articles
-from bertforge.squad.features import WindowSpec, build_windows
+from bertforge.squad.features import build_windows
 from bertforge.squad.finetune import squad
 from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, padded_tensors,
                                      predict_logits, reference_logits, run_rows, to_device,
@@ -26,7 +27,7 @@ from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, padded
 from bertforge.squad.postprocess import postprocess
 
 SEQ = 128
-SPEC = WindowSpec(sequence_length=SEQ, doc_stride=32, max_query_length=16)
+SPEC = WindowSection(sequence_length=SEQ, doc_stride=32, max_query_length=16)
 
 
 def squad_data(seed: int = 0) -> dict:

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from bertforge.config.serve import WindowSection
 from bertforge.squad.data import SquadExample
-from bertforge.squad.features import WindowSpec, build_windows
+from bertforge.squad.features import build_windows
 from bertforge.squad.postprocess import postprocess
 
 CONTEXT = ("The Quick brown Fox jumps over the lazy dog near the old Mill-House, while "
@@ -45,7 +46,7 @@ def _logits(windows, picks):
 
 def test_best_valid_span_from_crafted_logits(tokenizer):
     ex = SquadExample("q", "What jumps?", CONTEXT)
-    (w,) = build_windows([ex], tokenizer, WindowSpec(128, 32, 16), is_training=False)
+    (w,) = build_windows([ex], tokenizer, WindowSection(128, 32, 16), is_training=False)
     brown, fox = _position(w, CONTEXT, "brown"), _position(w, CONTEXT, "Fox")
     quick, dog = _position(w, CONTEXT, "Quick"), _position(w, CONTEXT, "dog")
     starts, ends = _logits([w], [
@@ -67,7 +68,7 @@ def test_best_valid_span_from_crafted_logits(tokenizer):
 
 def test_max_answer_length_and_punctuation_spans(tokenizer):
     ex = SquadExample("q", "Where?", CONTEXT)
-    (w,) = build_windows([ex], tokenizer, WindowSpec(128, 32, 16), is_training=False)
+    (w,) = build_windows([ex], tokenizer, WindowSection(128, 32, 16), is_training=False)
     the, mill = _position(w, CONTEXT, "The"), _position(w, CONTEXT, "Mill-House")
     house_end = int(np.nonzero(w.offsets[:, 1] == CONTEXT.index("Mill-House") + 10)[0][0])
     house_end += w.context_start
@@ -83,7 +84,7 @@ def test_max_answer_length_and_punctuation_spans(tokenizer):
 def test_best_window_wins_and_padding_is_ignored(tokenizer):
     context = " ".join([CONTEXT] * 3)
     ex = SquadExample("q", "Which?", context)
-    windows = build_windows([ex], tokenizer, WindowSpec(48, 16, 16), is_training=False)
+    windows = build_windows([ex], tokenizer, WindowSection(48, 16, 16), is_training=False)
     assert len(windows) >= 3
     k = len(windows) - 1
     target_char = context.rindex("lavender")
@@ -104,7 +105,7 @@ def test_best_window_wins_and_padding_is_ignored(tokenizer):
 
 def test_v2_null_against_best_span_with_threshold(tokenizer, tmp_path):
     ex = SquadExample("q", "What?", CONTEXT)
-    windows = build_windows([ex], tokenizer, WindowSpec(24, 4, 8), is_training=False)
+    windows = build_windows([ex], tokenizer, WindowSection(24, 4, 8), is_training=False)
     assert len(windows) >= 2
     fox = _position(windows[0], CONTEXT, "Fox")
     # Null = lowest [CLS] start + end over windows: window 0 has 3 + 3, window 1 has 2.5 + 2.5.
@@ -126,7 +127,7 @@ def test_v2_null_against_best_span_with_threshold(tokenizer, tmp_path):
 
 def test_v1_writes_no_null_odds(tokenizer, tmp_path):
     ex = SquadExample("q", "What?", CONTEXT)
-    windows = build_windows([ex], tokenizer, WindowSpec(128, 32, 16), is_training=False)
+    windows = build_windows([ex], tokenizer, WindowSection(128, 32, 16), is_training=False)
     starts, ends = _logits(windows, [])
     files = postprocess([ex], windows, starts, ends).write(tmp_path)
     assert "null_odds" not in files and not (tmp_path / "null_odds.json").exists()
@@ -134,6 +135,6 @@ def test_v1_writes_no_null_odds(tokenizer, tmp_path):
 
 def test_mismatched_logit_rows_are_an_error(tokenizer):
     ex = SquadExample("q", "What?", CONTEXT)
-    windows = build_windows([ex], tokenizer, WindowSpec(128, 32, 16), is_training=False)
+    windows = build_windows([ex], tokenizer, WindowSection(128, 32, 16), is_training=False)
     with pytest.raises(ValueError, match="windows but"):
         postprocess([ex], windows, [], [])

@@ -55,9 +55,9 @@ from bertforge.data.example import decode_examples
 from bertforge.data.loader import expand_files
 from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
 from bertforge.data.shards import encode_example_batch
-from bertforge.progress import progress
 from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
 from bertforge.data.tfrecord import RecordWriter, iter_records
+from bertforge.progress import progress
 
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
 SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed at the end

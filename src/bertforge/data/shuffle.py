@@ -16,9 +16,9 @@ import numpy as np
 
 from bertforge.data.loader import expand_files
 from bertforge.data.shards import ShardSpill, write_shard_from_spill
-from bertforge.progress import progress
 from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
 from bertforge.data.tfrecord import iter_records
+from bertforge.progress import progress
 
 _CHUNK = 4096  # records spread at once
 

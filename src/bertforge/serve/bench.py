@@ -69,11 +69,15 @@ def synthetic_rows(n: int, sequence_length: int, vocab_size: int, seed: int = 0
 
 
 def squad_rows(path: Path, tokenizer, sequence_length: int, limit: int) -> dict[str, np.ndarray]:
+    from bertforge.config.serve import WindowSection
     from bertforge.squad.data import read_squad
-    from bertforge.squad.features import WindowSpec, build_windows, pad_windows
+    from bertforge.squad.features import build_windows, pad_windows
     dataset = read_squad(path, is_training=False, squad_v2=False)
-    windows = build_windows(dataset.examples[:limit], tokenizer,
-                            WindowSpec(sequence_length=sequence_length), is_training=False)
+    # The reference's query length and stride where they fit this length, else shrunk to fit.
+    query = min(64, sequence_length // 4)
+    spec = WindowSection(sequence_length=sequence_length, max_query_length=query,
+                         doc_stride=min(128, sequence_length - query - 4))
+    windows = build_windows(dataset.examples[:limit], tokenizer, spec, is_training=False)
     if not windows:
         raise ValueError(f"--data {path}: no questions to send")
     padded = pad_windows(windows[:limit], pad_to=sequence_length)
@@ -211,7 +215,7 @@ def run_bench(cfg: BenchConfig) -> int:
 def reference_logits(model, payloads) -> list[tuple[np.ndarray, np.ndarray]]:
     """(start, end) of each payload from `model` run in this process on the padded rows (the
     engine's reference path, not the padding-free one the server takes)."""
+    from bertforge.config.serve import WindowSection
     from bertforge.serve.qa import QAEngine
-    from bertforge.squad.features import WindowSpec
-    engine = QAEngine(model, None, WindowSpec())
+    engine = QAEngine(model, None, WindowSection())
     return [engine.padded_logits(*(p[k] for k in INPUTS)) for p in payloads]

@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from bertforge import rows
+from bertforge.config.serve import WindowSection
 from bertforge.data.packing import pack_lengths
 from bertforge.model.attention import VARLEN, implementation
 from bertforge.squad.data import SquadExample
-from bertforge.squad.features import WindowSpec, build_windows, pad_windows
+from bertforge.squad.features import build_windows, pad_windows
 from bertforge.squad.forward import QuestionAnsweringRows
 from bertforge.squad.postprocess import window_candidates
 
@@ -99,7 +100,7 @@ def load_qa_checkpoint(checkpoint_dir: Path | str, device: str = "cpu", precisio
 class QAEngine:
     """A QA model plus its tokenizer and window spec; thread-compatible, not thread-safe."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: WindowSpec, *,
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: WindowSection, *,
                  max_batch_size: int = 32, n_best_size: int = 20, max_answer_length: int = 30,
                  padding_free: bool = True, layout: str | None = None):
         self.model = model

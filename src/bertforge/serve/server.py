@@ -169,7 +169,6 @@ def build_engine(cfg: ServeConfig):
     """The QAEngine of `cfg`'s checkpoint, window shape and batching (values checked by the
     config's sections; only what needs the model, its position table, is checked here)."""
     from bertforge.serve.qa import QAEngine, load_qa_checkpoint
-    from bertforge.squad.features import WindowSpec
     m, w = cfg.model, cfg.window
     if m.device == "cuda":
         import torch
@@ -179,9 +178,7 @@ def build_engine(cfg: ServeConfig):
     if w.sequence_length > model.config.max_position_embeddings:
         raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
-    spec = WindowSpec(sequence_length=w.sequence_length, doc_stride=w.doc_stride,
-                      max_query_length=w.max_query_length)
-    return QAEngine(model, tokenizer, spec, max_batch_size=cfg.batching.max_batch_size,
+    return QAEngine(model, tokenizer, w, max_batch_size=cfg.batching.max_batch_size,
                     padding_free=cfg.batching.padding_free)
 
 

@@ -32,16 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from bertforge.config.serve import WindowSection
 from bertforge.squad.data import SquadExample
 
 CHUNK_EXAMPLES = 2048  # per worker task: large enough that the pickling cost is small
-
-
-@dataclass(frozen=True)
-class WindowSpec:
-    sequence_length: int = 384
-    doc_stride: int = 128
-    max_query_length: int = 64
 
 
 @dataclass
@@ -90,7 +84,7 @@ def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-def build_windows(examples: Sequence[SquadExample], tokenizer, spec: WindowSpec, *,
+def build_windows(examples: Sequence[SquadExample], tokenizer, spec: WindowSection, *,
                   is_training: bool, workers: int = 1,
                   chunk_examples: int = CHUNK_EXAMPLES) -> list[Window]:
     """All windows of `examples`, in example order; see the module docstring."""
@@ -119,11 +113,11 @@ def _answer_chars(example: SquadExample) -> tuple[int, int] | None:
     return start, start + len(text)
 
 
-def _chunk_windows_from_json(tokenizer_json: str, records, base: int, spec: WindowSpec):
+def _chunk_windows_from_json(tokenizer_json: str, records, base: int, spec: WindowSection):
     return _chunk_windows(Tokenizer.from_str(tokenizer_json), records, base, spec)
 
 
-def _chunk_windows(tok: Tokenizer, records, base: int, spec: WindowSpec) -> list[Window]:
+def _chunk_windows(tok: Tokenizer, records, base: int, spec: WindowSection) -> list[Window]:
     cls_id, sep_id = _special_ids(tok)
     # Each distinct context once: SQuAD has ~5 questions per paragraph.
     context_index: dict[str, int] = {}

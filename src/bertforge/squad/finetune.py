@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from bertforge.model.attention import implementation
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.data import SquadSet, load_split, skipped_line
-from bertforge.squad.features import Window, WindowSpec, build_windows
+from bertforge.squad.features import Window, build_windows
 from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, predict_logits,
                                      run_rows, to_device, window_logits, window_rows)
 from bertforge.squad.metric import evaluate_v1, evaluate_v2
@@ -151,8 +151,7 @@ class SquadTask(Task):
     def __init__(self, cfg: SquadConfig):
         self.cfg = cfg
         self.trains = cfg.squad.squad_do_training
-        self.spec = WindowSpec(cfg.data.sequence_length, cfg.data.doc_stride,
-                               cfg.data.max_query_length)
+        self.spec = cfg.data  # a WindowSection: sequence length, doc stride, query length
 
     def build_model(self, engine: Engine):
         import transformers
