@@ -40,7 +40,8 @@ REFERENCE_FACTORS = {128: 1.17, 384: 1.7, 512: 2.0}
 
 
 def bench_solve(args) -> None:
-    from bertforge.data.packing import pack_histogram, wikipedia_like_histogram
+    from bertforge.data.packing import pack_histogram
+    from lengths import wikipedia_like_histogram
     for s in args.sequence_lengths:
         shapes = {"half-full": None}
         if s in REFERENCE_FACTORS:

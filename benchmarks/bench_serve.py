@@ -8,7 +8,7 @@ on --device (cpu, or cuda: benchmarks/gpu_check.py runs it so where PyTriton is 
   off         one row per execution, the same padding-free engine (a row trimmed to its length);
   off-padded  one row per execution on the padded row as sent (--no-padding-free: stock);
 and with --onnxruntime the stock Triton + ONNX Runtime stack on the exported repository
-(serve/triton_repo.py), ort-on with dynamic batching and ort-off with max batch 1;
+(benchmarks/triton_stack.py), ort-on with dynamic batching and ort-off with max batch 1;
 and against each runs the serve-bench client (gRPC, --mode sync|async, 1/4/8 clients, every
 reply checked against the model run in process on the padded rows). The servers are up
 together and take turns: for each client count, --rounds rounds of on, off, off-padded (and
@@ -66,7 +66,7 @@ def make_model(path: Path, shape: str) -> Path:
 def start_server(model: Path, args, batching: bool, log: Path, padding_free: bool = True):
     import tritonclient.http as httpclient
 
-    from bertforge.serve.triton_repo import free_ports
+    from triton_stack import free_ports
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(model),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
@@ -100,11 +100,11 @@ def stop_server(proc) -> None:
 
 
 def start_onnxruntime(model: Path, args, tmp: Path) -> dict:
-    """Triton + ONNX Runtime on the exported repository (serve/triton_repo.py: PyTriton's
+    """Triton + ONNX Runtime on the exported repository (triton_stack.py: PyTriton's
     tritonserver, a Python-based stand-in for the C++ onnxruntime backend): `ort-on` with
     dynamic batching (max batch 32), `ort-off` with max batch 1. fp32, padded rows."""
     from bertforge.serve.export import export
-    from bertforge.serve.triton_repo import backend_directory, start_tritonserver, wait_ready
+    from triton_stack import backend_directory, start_tritonserver, wait_ready
     backends = backend_directory(tmp / "backends")
     servers = {}
     for label, max_batch in (("ort-on", 32), ("ort-off", 1)):

@@ -16,7 +16,7 @@ and each check's whole output is kept beside it (<output stem>.<check>.log).
   pretrain  170 s  the four BERT presets (base/large x S 128/512, their S and M), bf16, one step
                    = forward + backward + fused AdamW (bench_pretrain.bertforge_step_fn):
                      full           full-length random rows (what --synthetic-data runs), SDPA
-                     unpacked       Wikipedia-shaped lengths (packing.wikipedia_like_histogram)
+                     unpacked       Wikipedia-shaped lengths (benchmarks/lengths.py)
                                     padded to S, SDPA
                      packed_varlen  the same sequences packed <= 3 a row (SPFHP,
                                     bench_packing.same_sequences), --attn-implementation varlen
@@ -250,7 +250,7 @@ def pretrain_data(bert_config, seq: int, mask: int, micro: int) -> dict:
     import torch
     from bench_packing import same_sequences
 
-    from bertforge.data.packing import wikipedia_like_histogram
+    from lengths import wikipedia_like_histogram
     from bertforge.train.sources import random_batch
     n = micro * PRETRAIN_BATCHES
     gen = torch.Generator().manual_seed(0)

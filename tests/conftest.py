@@ -19,10 +19,16 @@ Tests must treat those directories as read-only.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+# benchmarks/ holds support code tests share with the benchmarks, outside the package:
+# triton_stack.py (the Triton + ONNX Runtime stack without Docker) and lengths.py
+# (Wikipedia-shaped length histograms).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # Set before any bertforge/transformers import: no progress bars in CI logs, and a test
 # that reaches for the Hugging Face hub fails at once instead of hanging on the network.
@@ -134,44 +140,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_qa_model(path: Path, seed: int) -> Path:
-    """A random tiny BertForQuestionAnswering (64/2/2) with bert-base-uncased tokenizer files,
-    saved at `path`: the served / exported model of the serving tests."""
-    import torch
-    import transformers
-
-    from bertforge.data.vocab import save_tokenizer_files
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(path)
-    save_tokenizer_files(path)
-    return path
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (from /proc), so the test can check none outlive the server."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

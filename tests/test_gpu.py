@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_pretrain import losses, tiny_config, write_random_shards
+from support import losses, tiny_config, write_random_shards
 
 from bertforge.train.pretraining import pretrain
 

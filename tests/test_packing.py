@@ -20,11 +20,12 @@ from bertforge.cli import main
 from bertforge.data.example import decode_example
 from bertforge.data.loader import check_inputs, measure_packing_factor
 from bertforge.data.pack import SPILL_DIR, pack_files
-from bertforge.data.shuffle import shuffle_files
 from bertforge.data.packing import (full_strategies, pack_histogram, pack_lengths, split_plan,
-                                    strategy_lengths, wikipedia_like_histogram)
+                                    strategy_lengths)
 from bertforge.data.shards import encode_example_batch
+from bertforge.data.shuffle import shuffle_files
 from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
+from lengths import wikipedia_like_histogram  # benchmarks/lengths.py (conftest puts it on the path)
 
 
 # None: half the sequences at or near 512 (issue 4's description); 2.0: the full-length share

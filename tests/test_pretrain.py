@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,47 +13,15 @@ import transformers
 from safetensors.torch import load_file
 
 from bertforge.config import load_config
-from bertforge.data.example import encode_example
-from bertforge.data.tfrecord import RecordWriter
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.pretraining import pretrain
 from bertforge.train.sources import random_batch
-
-SEQ, MASK, VOCAB = 32, 5, 1000
-
-
-def write_random_shards(directory: Path, num_shards: int = 2, records_per_shard: int = 48) -> str:
-    """Well-formed random pre-training records (unit_test vocab) in indexed shards."""
-    gen = torch.Generator().manual_seed(1234)
-    directory.mkdir(parents=True, exist_ok=True)
-    for shard in range(num_shards):
-        batch = random_batch(records_per_shard, SEQ, MASK, VOCAB, gen)
-        with RecordWriter(directory / f"part-{shard}.tfrecord") as writer:
-            for i in range(records_per_shard):
-                ints = {k: batch[k][i].reshape(-1).numpy() for k in
-                        ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
-                         "masked_lm_ids", "next_sentence_labels")}
-                writer.write(encode_example(ints, {"masked_lm_weights": batch["masked_lm_weights"][i].numpy()}))
-    return str(directory / "*.tfrecord")
-
+from support import MASK, SEQ, VOCAB, losses, tiny_config, write_random_shards
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return write_random_shards(tmp_path_factory.mktemp("shards"))
 
-
-def tiny_config(shards: str, run_dir: Path, **overrides):
-    values = {"input_files": [shards], "sequence_length": SEQ, "mask_tokens": MASK,
-              "micro_batch_size": 4, "gradient_accumulation": 2, "training_steps": 6,
-              "checkpoint_output_dir": str(run_dir), "dataloader_workers": 0,
-              "disable_progress_bar": True, "device": "cpu", "max_position_embeddings": 64}
-    values.update(overrides)
-    return load_config("unit_test", values)
-
-
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(l)["loss"] for l in lines if json.loads(l)["split"] == "train"]
 
 
 def test_resume_is_exact(shards, tmp_path):

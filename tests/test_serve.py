@@ -28,8 +28,8 @@ if int(np.__version__.split(".")[0]) >= 2:
                 allow_module_level=True)
 
 from bertforge.serve.bench import BenchConfig, run_bench, synthetic_rows  # noqa: E402
-from bertforge.serve.triton_repo import free_ports  # noqa: E402
-from conftest import alive, descendants, tiny_qa_model  # noqa: E402
+from triton_stack import free_ports  # noqa: E402
+from support import alive, descendants, tiny_qa_model  # noqa: E402
 from bertforge.serve.server import ServeConfig, build_engine  # noqa: E402
 
 S = 64

@@ -13,7 +13,7 @@ import pytest
 from bertforge.config.serve import WindowSection
 from bertforge.serve.bench import synthetic_rows
 from bertforge.serve.qa import PAD_LOGIT, QAEngine
-from conftest import tiny_qa_model
+from support import tiny_qa_model
 
 S = 64
 SPEC = WindowSection(sequence_length=S, doc_stride=16, max_query_length=16)

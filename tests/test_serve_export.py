@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from bertforge.cli import main  # noqa: E402
-from conftest import tiny_qa_model  # noqa: E402
+from support import tiny_qa_model  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, check_onnx, export, sample_batch  # noqa: E402
 from bertforge.serve.qa import PAD_LOGIT  # noqa: E402
 

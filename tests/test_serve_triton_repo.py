@@ -3,8 +3,8 @@ tritonserver and queried over gRPC: the check a stock Triton container would giv
 Docker.
 
 The tritonserver binary is the one PyTriton bundles (2.51, python backend only); the C++
-onnxruntime backend, not on PyPI, is replaced by serve/onnxruntime_backend/model.py, a
-Python-based backend named `onnxruntime` (serve/triton_repo.py). Triton picks it for the
+onnxruntime backend, not on PyPI, is replaced by benchmarks/onnxruntime_backend/model.py, a
+Python-based backend named `onnxruntime` (benchmarks/triton_stack.py). Triton picks it for the
 repository's `platform: "onnxruntime_onnx"`, parses and validates config.pbtxt itself (a broken
 config is refused, which the second test checks), runs its dynamic batcher and sends each
 dynamic batch to onnxruntime on the exported model.onnx. What this cannot check is the C++
@@ -33,9 +33,9 @@ from bertforge.config.serve import WindowSection  # noqa: E402
 from bertforge.serve.bench import synthetic_rows  # noqa: E402
 from bertforge.serve.export import INPUTS, OUTPUTS, export  # noqa: E402
 from bertforge.serve.qa import QAEngine, load_qa_checkpoint  # noqa: E402
-from bertforge.serve.triton_repo import (backend_directory, start_tritonserver,  # noqa: E402
+from triton_stack import (backend_directory, start_tritonserver,  # noqa: E402
                                          wait_ready)
-from conftest import alive, descendants, tiny_qa_model  # noqa: E402
+from support import alive, descendants, tiny_qa_model  # noqa: E402
 
 S = 32
 

@@ -5,7 +5,6 @@ files score the same under `squad-eval`, checkpoints from pre-training start the
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,50 +14,7 @@ from bertforge.cli import main
 from bertforge.config import load_config
 from bertforge.squad.config import SquadConfig
 from bertforge.squad.finetune import build_qa_model, squad
-
-NAMES = ["Alice Moreau", "Bruno Keller", "Chen Wei", "Dara Okafor", "Elena Petrova",
-         "Farid Haddad", "Greta Lindqvist", "Hiro Tanaka", "Ines Duarte", "Jonas Berg"]
-CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Kyoto", "Tunis", "Quebec", "Dublin", "Hanoi"]
-FILLER = ["The weather there is often mild.", "Many people visit the old market.",
-          "A river runs through the valley.", "The library opened a new wing.",
-          "Local farmers grow olives and grapes.", "The museum holds early maps."]
-# A tiny random-init BERT (2 layers, hidden 64, 2 heads) on 64-token windows; with constant LR
-# 1e-3 and no dropout it fits the 48 questions below in 180 steps (~4 s on one core).
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, sequence_length=64,
-            max_query_length=16, doc_stride=16, micro_batch_size=16, global_batch_size=16,
-            learning_rate=1e-3, lr_schedule="constant", lr_warmup=0.0, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, precision="fp32", device="cpu",
-            disable_progress_bar=True, max_position_embeddings=64)
-
-
-def make_squad(num_paragraphs: int = 48, seed: int = 0, v2: bool = False) -> dict:
-    """Paragraphs with one fact among shuffled filler sentences and one question on it: 'Where
-    was X born?' (a city) or 'When did X win a prize?' (a year); v2 adds an unanswerable 'Why
-    was X famous?'. One fact per paragraph keeps it learnable by a 2-layer model from scratch
-    in seconds (with two facts, picking by question word took it >1000 steps, seed-dependent).
-    """
-    rng = random.Random(seed)
-    articles = []
-    for p in range(num_paragraphs):
-        name = rng.choice(NAMES)
-        if p % 2 == 0:
-            answer = rng.choice(CITIES)
-            fact, question = f"{name} was born in {answer}.", f"Where was {name} born?"
-        else:
-            answer = str(rng.randint(1800, 1999))
-            fact, question = f"{name} won a prize in {answer}.", f"When did {name} win a prize?"
-        sentences = rng.sample(FILLER, 2) + [fact]
-        rng.shuffle(sentences)
-        context = " ".join(sentences)
-        start = context.index(fact) + fact.index(answer)
-        qas = [{"id": f"p{p}", "question": question,
-                "answers": [{"text": answer, "answer_start": start}]}]
-        if v2:
-            qas.append({"id": f"p{p}-why", "question": f"Why was {name} famous?",
-                        "answers": [], "is_impossible": True})
-        articles.append({"title": f"t{p}", "paragraphs": [{"context": context, "qas": qas}]})
-    return {"version": "v2.0" if v2 else "1.1", "data": articles}
-
+from support import TINY, make_squad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from test_squad_finetune import FILLER, make_squad
 
 from bertforge.config import load_config
 from bertforge.config.serve import WindowSection
@@ -25,6 +24,7 @@ from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, padded
                                      predict_logits, reference_logits, run_rows, to_device,
                                      window_logits, window_rows)
 from bertforge.squad.postprocess import postprocess
+from support import FILLER, make_squad
 
 SEQ = 128
 SPEC = WindowSection(sequence_length=SEQ, doc_stride=32, max_query_length=16)

@@ -7,7 +7,8 @@
   onnxruntime backend, dynamic batching on; `tritonserver --model-repository <out>` in an
   NGC container loads it with no Python in the serving path. Without Docker, the tests load
   the unchanged repository into the real tritonserver 2.51 that PyTriton bundles, with a
-  Python-based stand-in for the C++ onnxruntime backend (tests/test_serve_triton_repo.py):
+  Python-based stand-in for the C++ onnxruntime backend (benchmarks/triton_stack.py, test and
+  benchmark support outside the package; tests/test_serve_triton_repo.py):
   Triton parses and validates config.pbtxt, batches concurrent requests and answers what
   PyTorch answers.
 

@@ -87,6 +87,8 @@ class Engine:
             self.run_dir = default_run_dir(cfg.config, recipe=task.name)
         if ctx.is_main and task.trains:
             ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)
+        # Tokenizer files saved with every checkpoint; the task sets them (build_model, prepare).
+        self.tokenizer_dir: Path | None = None
         self.model = task.build_model(self)
         if self.source is not None:
             # The checkpoint decides the shape: record it in the run config that gets saved.
@@ -102,7 +104,6 @@ class Engine:
         self.model = self.model.to(ctx.device)
         self.precision = Precision(t.precision, ctx.device, auto_loss_scaling=t.auto_loss_scaling,
                                    loss_scaling=t.loss_scaling)
-        self.tokenizer_dir: Path | None = None
 
     # ------------------------------------------------------------ checkpoints
     def save(self, step: int, consumed_batches: int, metrics: dict[str, float]) -> Path | None:

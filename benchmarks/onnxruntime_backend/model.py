@@ -3,7 +3,7 @@
 The stock container's onnxruntime backend (libtriton_onnxruntime.so) is not on PyPI, but the
 tritonserver 2.51 that PyTriton bundles loads Python-based backends: a directory
 backends/onnxruntime/ holding this model.py serves any model whose config says
-platform "onnxruntime_onnx". serve/triton_repo.py uses it to load the repository
+platform "onnxruntime_onnx". benchmarks/triton_stack.py uses it to load the repository
 `bertforge export --format triton-repo` writes, unchanged, into a real tritonserver (tests and
 benchmarks/bench_serve.py --onnxruntime). It reads
 the model file, tensor names and batching from config.pbtxt as the real backend does, runs

@@ -1,5 +1,6 @@
-"""Run a Triton model repository, as `bertforge export --format triton-repo` writes it, on the
-tritonserver that PyTriton bundles: the stock Triton + ONNX Runtime stack without Docker.
+"""Test and benchmark support (not part of the package): run a Triton model repository, as
+`bertforge export --format triton-repo` writes it, on the tritonserver that PyTriton bundles:
+the stock Triton + ONNX Runtime stack without Docker.
 
 The stock container serves the repository with Triton's C++ onnxruntime backend, which is not
 on PyPI. PyTriton's tritonserver (2.51) has only the python backend, and Triton loads
