@@ -6,8 +6,9 @@
 # Tests come in tiers (markers assigned in the TIERS table of tests/conftest.py):
 #   make test-unit     fast unit tests
 #   make test-e2e      end-to-end runs (training, fine-tuning, servers, the installed wheel)
-#   make test-numpy2   the core (every tier but serving) in a second virtualenv with numpy 2:
-#                      only the serve extra (PyTriton 0.7) needs numpy<2
+#   make test-numpy2   the core (every tier but serving and the long learning runs) in a
+#                      second virtualenv with numpy 2: only the serve extra (PyTriton 0.7)
+#                      needs numpy<2
 #   make test          all of them: every tier in one pytest run (one session, so the
 #                      shared sample fixtures are built once), then test-numpy2
 PYTHON ?= python3
@@ -57,7 +58,7 @@ test-e2e: sample
 	$(PY) $(PYTEST) -m e2e tests
 
 test-numpy2: sample venv-numpy2
-	$(VENV_NUMPY2)/bin/python $(PYTEST) -m 'not serve' tests
+	$(VENV_NUMPY2)/bin/python $(PYTEST) -m 'not serve and not learning' tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -6,6 +6,9 @@ Tiers (markers registered in pyproject.toml; TIERS below assigns them, nowhere e
   e2e     end to end: trains, fine-tunes, starts a server, installs a wheel or runs a script
   serve   needs the `serve` extra or is serving code (PyTriton needs numpy<2): the numpy-2 run
           of the core (`make test-numpy2`) deselects it
+  learning  long runs whose subject is whether training learns (torch numerics, ~4 min): the
+          numpy-2 run deselects them too, since their data path runs under numpy 2 in the
+          unit tests and the suite must stay near 15 minutes on 2 cores
 `make test` runs every tier (and the numpy-2 core run); `make test-unit` / `make test-e2e` one.
 
 The sample is the real English dump excerpt shipped in the gensim 4.4.0 wheel (206 pages ->
@@ -48,9 +51,9 @@ TIERS = {
     "test_squad_features": "unit", "test_squad_metric": "unit", "test_squad_packed": "unit",
     "test_squad_postprocess": "unit", "test_tfrecord": "unit", "test_vocab": "unit",
     "test_wiki": "unit",
-    "test_serve_engine": "unit serve", "test_serve_export": "unit serve",
-    "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e", "test_package": "e2e",
-    "test_pretrain": "e2e", "test_squad_finetune": "e2e", "test_squad_real": "e2e",
+    "test_serve_engine": "unit", "test_serve_export": "unit serve",
+    "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e learning", "test_package": "e2e",
+    "test_pretrain": "e2e", "test_squad_finetune": "e2e", "test_squad_real": "e2e learning",
     "test_serve": "e2e serve", "test_serve_triton_repo": "e2e serve",
     # Single tests that run a whole command inside a unit module.
     "test_gpu_check::test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0": "e2e",

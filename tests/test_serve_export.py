@@ -1,6 +1,7 @@
 """`bertforge export`: ONNX and Triton-repository exports, checked with onnxruntime against PyTorch
 at batch and sequence sizes other than the export's (the axes are dynamic), and the CLI.
-Needs no server, so it runs with numpy 2 too."""
+Needs no server, but onnx and onnxruntime come with the serve extra, so it is in the serve
+tier (not in the numpy-2 run)."""
 
 from __future__ import annotations
 
