@@ -1,1 +1,17 @@
-"""Data stages: Wikipedia dump -> text -> sentences -> pre-training instances in TFRecord shards."""
+"""Data stages: Wikipedia dump -> text -> sentences -> pre-training instances in TFRecord shards.
+
+    wiki.py          download (resumable, checksummed), WikiExtractor, sentence split
+    vocab.py         the default vocab, --vocab-file / --tokenizer, WordPiece training
+    text_tasks.py    input text cut into bounded tasks at document boundaries (tokenize)
+    fast_wordpiece.py  the word-cached WordPiece encoder beside the tokenizers reference
+    instances.py     `bertforge tokenize`: sentences -> masked LM + NSP instances
+    example.py       tf.train.Example records: encode, vectorised decode
+    shards.py        record batches into shards, disk spills for the global shuffles
+    tfrecord.py      TFRecord framing with masked CRC32C, `.index` files, `bertforge index`
+    loader.py        the pre-training reader (exact resume) and the checks of what shards hold
+    packing.py       the packers (NNLSHP, SPFHP) on length histograms
+    pack.py          `bertforge pack`: packed shards in bounded memory
+    shuffle.py       `bertforge shuffle`: a global shuffle in bounded memory
+    sample.py        the real Wikipedia sample the demo and tests use
+    stage.py         the stages' habits: skip-if-complete manifests, counted skips, workers
+"""
