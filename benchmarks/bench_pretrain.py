@@ -33,7 +33,8 @@ import time
 import torch
 import transformers
 
-from bertforge.model.bert import build_pretraining_model, labelled_slots
+from bertforge.model.bert import build_pretraining_model
+from bertforge.rows import labelled_slots
 from bertforge.train.optim import build_optimizer
 from bertforge.train.sources import random_batch
 

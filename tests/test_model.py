@@ -13,8 +13,8 @@ import torch
 import transformers
 
 from bertforge.model import bert as bert_module
-from bertforge.model.bert import (GatheredBertForPreTraining, build_pretraining_model, decoder_cross_entropy,
-                                  labelled_slots)
+from bertforge.model.bert import GatheredBertForPreTraining, build_pretraining_model, decoder_cross_entropy
+from bertforge.rows import labelled_slots
 
 VOCAB, SEQ, SLOTS = 300, 16, 5
 

@@ -82,11 +82,12 @@ def most_frequent_token_accuracy(files: list[Path]) -> tuple[float, int]:
     import numpy as np
 
     from bertforge.data.loader import PretrainingDataset
+    from bertforge.rows import labelled_slots
 
     counts: dict[int, int] = {}
     for batch in PretrainingDataset(files, 1024, shuffle=False, infinite=False):
-        labels = batch["masked_lm_ids"][batch["masked_lm_weights"] > 0].numpy()
-        ids, n = np.unique(labels[labels != 0], return_counts=True)
+        labels = batch["masked_lm_ids"][labelled_slots(batch)].numpy()
+        ids, n = np.unique(labels, return_counts=True)
         for token, count in zip(ids.tolist(), n.tolist()):
             counts[token] = counts.get(token, 0) + count
     total = sum(counts.values())

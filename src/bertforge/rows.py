@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,6 +179,20 @@ def read_tokens(p: Placement, row_values: np.ndarray, fill: float = 0.0,
 
 
 # ---------------------------------------------------------------- reader
+def labelled_slots(batch: Mapping[str, Any]) -> Any:
+    """[B, M] bool: which masked-LM slots carry a real label (torch tensors or numpy arrays).
+
+    The one rule for every reader of labels (the loss, the loop's normalisers, the pack stage,
+    the MLM prior): label 0 marks an unused slot (create_pretraining_data pads the slots with
+    id 0, position 0, weight 0), and so does a weight of 0 when weights are present.
+    """
+    real = batch["masked_lm_ids"] != 0
+    weights = batch.get("masked_lm_weights")
+    if weights is not None:
+        real &= weights > 0
+    return real
+
+
 def is_unpacked(batch: Mapping[str, torch.Tensor]) -> bool:
     """Records of one sequence per row (TFRecord `input_mask`), not yet in the row layout."""
     return "sequence_ids" not in batch and "packed_input_ids" not in batch

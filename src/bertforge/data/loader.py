@@ -208,11 +208,9 @@ def masked_label_counts(files: Sequence[str | Path], vocab_size: int,
         if labels is None:
             raise ValueError(f"{dataset.files[0]}: records lack masked_lm_ids; these are not "
                              "pre-training records (bertforge tokenize / pack writes them)")
-        labels = labels[:max_records - seen].numpy()
-        real = labels != 0  # label 0 ([PAD]) marks an unused slot, as in the loss
-        if "masked_lm_weights" in batch:
-            real &= batch["masked_lm_weights"][:len(labels)].numpy() > 0
-        labels = labels[real]
+        batch = rows.as_rows(batch)
+        real = rows.labelled_slots(batch)[:max_records - seen]  # the loss's rule
+        labels = batch["masked_lm_ids"][:len(real)][real].numpy()
         if labels.size and (labels.min() < 0 or labels.max() >= vocab_size):
             bad = int(labels.max() if labels.max() >= vocab_size else labels.min())
             raise ValueError(f"{', '.join(map(str, dataset.files))}: masked-LM label id {bad} is "

@@ -64,13 +64,6 @@ SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed a
 _CHUNK = 4096  # records decoded at once (bucket pass), packs laid out at once (write)
 
 
-def _labelled(arrays: dict) -> np.ndarray:
-    real = arrays["masked_lm_ids"] != 0
-    if "masked_lm_weights" in arrays:
-        real &= arrays["masked_lm_weights"] > 0
-    return real
-
-
 # ---------------------------------------------------------------- pack: buckets
 def _spill_paths(spill_dir: str | Path, file_no: int) -> tuple[Path, Path]:
     """(records, offsets) spill files of input shard `file_no`."""
@@ -100,7 +93,7 @@ def _bucket_shard(job: tuple[str, int, str, int]) -> tuple[np.ndarray, np.ndarra
                              f"--sequence-length is {sequence_length}")
         end = start + len(arrays["input_mask"])
         lengths[start:end] = arrays["input_mask"].sum(1)
-        predictions[start:end] = _labelled(arrays).sum(1)
+        predictions[start:end] = rows.labelled_slots(arrays).sum(1)
         slots = arrays["masked_lm_ids"].shape[1]
     if len(records) and lengths.min() < 1:
         raise ValueError(f"{path}: record {int(np.argmin(lengths))} has no real tokens "
@@ -166,7 +159,7 @@ def layout_packs(arrays: dict, packs: np.ndarray, sequence_length: int, mask_slo
     out = rows.write_tokens(placement, arrays["input_ids"], arrays["segment_ids"])
     out.update(rows.write_labels(placement, arrays["masked_lm_positions"],
                                  {"masked_lm_ids": arrays["masked_lm_ids"]},
-                                 _labelled(arrays), mask_slots))
+                                 rows.labelled_slots(arrays), mask_slots))
     out["next_sentence_labels"] = rows.write_slots(placement, nsp)
     out["next_sentence_mask"] = rows.write_slots(placement, 1)
     out["cls_positions"] = rows.write_slots(placement, placement.offsets)

@@ -70,7 +70,7 @@ import transformers
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from bertforge.model.attention import implementation, segment_kwargs
-from bertforge.rows import ROW_KEYS, as_rows, is_unpacked
+from bertforge.rows import ROW_KEYS, as_rows, is_unpacked, labelled_slots
 
 # Feature names of a pre-training record (the reference's TFRecord keys).
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
@@ -99,20 +99,6 @@ class PretrainingOutput:
     num_sequences: torch.Tensor
     num_nsp_correct: torch.Tensor
     num_tokens: torch.Tensor      # real (non-padding) tokens, for tokens/s
-
-
-def labelled_slots(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[B, M] bool: which masked-LM slots carry a real label.
-
-    The spec's MLM loss ignores label 0 (create_pretraining_data pads the slots with id 0,
-    position 0, weight 0); a weight of 0 also marks padding when weights are present. The
-    training loop counts with this same function, so normalisers always match the loss.
-    """
-    real = batch["masked_lm_ids"] != 0
-    weights = batch.get("masked_lm_weights")
-    if weights is not None:
-        real &= weights > 0
-    return real
 
 
 def num_sequences(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 from bertforge.config import PretrainConfig
 from bertforge.model.attention import implementation
 from bertforge.model.bert import (GatheredBertForPreTraining, bert_config,
-                                  build_pretraining_model, labelled_slots, num_sequences)
+                                  build_pretraining_model, num_sequences)
+from bertforge.rows import labelled_slots
 from bertforge.train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
 from bertforge.train.engine import Engine, TrainResult
 from bertforge.train.sources import eval_batches, random_batch, to_device, training_batches
