@@ -1,6 +1,6 @@
 """Learning parity: `bertforge pretrain` against a plain Hugging Face loop, same shards, same recipe.
 
-Issue 11, item 1. Throughput benchmarks say how fast a step is, not whether the faster steps
+Throughput benchmarks say how fast a step is, not whether the faster steps
 learn as well. This one trains the same BERT shape on the same real shards with the same
 optimizer, schedule, batch and steps, twice per seed:
   - bertforge: the real `pretrain()` entry point (gathered MLM head, fused decoder loss,
@@ -25,7 +25,7 @@ seconds) when matplotlib is installed (`pip install matplotlib`).
 
     python benchmarks/bench_learning.py [--seeds 1,2,3] [--steps 1500] [--eval-every 100]
         [--target-mlm-accuracy 0.12] [--work-dir bench-data/learning] [--plot docs/learning_parity.png]
-    # why the recipe before issue 11 stalled (seed 5): the plateau's fingerprint
+    # why the recipe before the MLM-bias fix stalled (seed 5): the plateau's fingerprint
     python benchmarks/bench_learning.py --trainers bertforge --seeds 5 --steps 300 --diagnose \
         --bertforge-set mlm_bias_init=zero
 
@@ -295,7 +295,7 @@ def main() -> int:
                              "and whether it uses context (plateau_diagnostics)")
     parser.add_argument("--bertforge-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a bertforge config field for bertforge's run only (e.g. "
-                             "mlm_bias_init=zero: the recipe before issue 11)")
+                             "mlm_bias_init=zero: the recipe before the MLM-bias fix)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,7 +310,7 @@ def main() -> int:
     recipe = None
     results: dict[str, dict[int, list[dict]]] = {}
     for seed in seeds:  # trainers interleaved per seed: machine drift hits both alike
-        # The demo's preset is the recipe of both trainers (issue 11: 128/2/2, AdamW 3e-3,
+        # The demo's preset is the recipe of both trainers (128/2/2, AdamW 3e-3,
         # 6% warmup then linear decay, wd 0.01, eps 1e-6, batch 32); flags change it for both.
         cfg = load_config(DEMO_PRESET, {
             "vocab_size": args.vocab_size, "tokenizer": str(data.vocab_file),
@@ -325,7 +325,7 @@ def main() -> int:
         for trainer in args.trainers.split(","):
             if trainer in ("bertforge", "bertforge_zero_bias"):
                 run_cfg = type(cfg).from_dict(cfg.to_dict())
-                if trainer == "bertforge_zero_bias":  # the recipe before issue 11's fix
+                if trainer == "bertforge_zero_bias":  # the recipe before the MLM-bias fix
                     run_cfg.model.mlm_bias_init = "zero"
                 run_dir = args.work_dir / f"run-{trainer}-{seed}"
                 curve = bertforge_run(run_cfg, run_dir)

@@ -1,4 +1,4 @@
-"""Sequence packing benchmarks (issue 4, item 7), three parts:
+"""Sequence packing benchmarks, three parts:
 
   solve  NNLSHP vs SPFHP efficiency and solve time at S = 128/384/512 on Wikipedia-shaped
          histograms of 16M sequences: "half-full" (half at/near full length, a long tail of

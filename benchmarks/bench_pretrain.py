@@ -1,6 +1,6 @@
 """CPU/GPU pre-training throughput: bertforge vs a plain Hugging Face baseline, in one run.
 
-Issue 3, item 10. For each shape (demo_tiny_128: 64/3/8, and BERT-mini: 256/4/4; seq 128),
+For each shape (demo_tiny_128: 64/3/8, and BERT-mini: 256/4/4; seq 128),
 on the SAME batches (real shards when given, else well-formed random records):
   - baseline: transformers.BertForPreTraining, full MLM head over all 128 positions (labels
     -100 except the masked slots), torch.optim.AdamW with its defaults, fp32;

@@ -1,5 +1,5 @@
-"""Serving throughput and latency: `bert` with and without dynamic batching, `bert_qa` end to end
-(issue 6, item 6), in one run on the same model and requests.
+"""Serving throughput and latency: `bert` with and without dynamic batching, `bert_qa` end to end,
+in one run on the same model and requests.
 
 Starts `bertforge serve` three times on free loopback ports, on a random-init QA BERT of
 --shape (mini: hidden 256, 4 layers; tiny: 64, 2; base: 768, 12) at S = --sequence-length,
@@ -17,7 +17,7 @@ their median is reported (an idle server takes 0.4% of a core). Then `bert_qa` q
 with 4 clients on the first server (each question a SQuAD-sized context of ~150 words,
 answers checked against the in-process engine). Rows are synthetic: real lengths uniform in
 S/4..S, padded to S. Each server prints its mean batch when it stops.
-Floor (issue 6): with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on
+Floor: with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on
 CPU; `on` vs `off` is that ratio with everything else equal, `on` vs `off-padded` adds what
 the padding-free engine gives over stock batch-1 serving. Results: docs/benchmarks.md.
 

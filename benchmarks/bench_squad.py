@@ -1,4 +1,4 @@
-"""SQuAD feature building vs Hugging Face run_qa, and fine-tuning samples/s (issue 5, item 9).
+"""SQuAD feature building vs Hugging Face run_qa, and fine-tuning samples/s.
 
 1. Feature building, examples/s, in one run on the same synthetic SQuAD-shaped data:
    - baseline: the standard Hugging Face run_qa `prepare_train_features` (fast tokenizer on
@@ -14,7 +14,7 @@
    reference's layout; squad/forward.py's `reference_logits`); packed = `predict_logits` with
    `packed_length=384` (up to 3 windows per 384-token row, block-diagonal attention).
    Both at --eval-batch windows per forward; the logits are checked equal (1e-4) first.
-   Floor (issue 5, item 9): packed >= 1.5x unpacked. benchmarks/gpu_check.py runs the same
+   Floor: packed >= 1.5x unpacked. benchmarks/gpu_check.py runs the same
    comparison on CUDA in bf16 (`bench_inference(..., device="cuda", precision="bf16")`).
 3. Fine-tuning samples/s on CPU: `bertforge.squad.finetune.squad` on the same data at 384,
    a tiny (64/2/2) or mini (256/4/4) random-init BERT, validation off; warm-up steps dropped.

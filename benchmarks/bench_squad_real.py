@@ -1,4 +1,4 @@
-"""Real SQuAD v1.1 fine-tuning: `bertforge squad` vs a plain Hugging Face loop (issue 11, item 4).
+"""Real SQuAD v1.1 fine-tuning: `bertforge squad` vs a plain Hugging Face loop.
 
 Why: the other SQuAD tests and benchmarks use synthetic questions or random-init models, which
 show that the machinery runs, not that it learns real reading comprehension as well as the

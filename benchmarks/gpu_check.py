@@ -1,5 +1,5 @@
 """Every GPU check in one command and one JSON file: the CUDA tests, pre-training speed and MFU,
-NCCL DDP, SQuAD inference and serving (issue 11, item 5).
+NCCL DDP, SQuAD inference and serving.
 
 Why: bertforge is built and tested on CPU machines; a GPU machine is lent rarely, for minutes,
 with little beyond torch and transformers installed. This script turns such a lease into one

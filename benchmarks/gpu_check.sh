@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one command (issue 11, item 5): the thin wrapper around gpu_check.py,
+# Every GPU check in one command: the thin wrapper around gpu_check.py,
 # whose docstring says what it runs, records and costs.
 #
 #   bash benchmarks/gpu_check.sh [--output gpu_check.json] [--only pretrain,squad]

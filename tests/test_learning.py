@@ -1,4 +1,4 @@
-"""Training learns: memorising a small real sample (the reference's check, issue 3, item 9), and
+"""Training learns: memorising a small real sample (the reference's check), and
 learning from context on held-out text within a few hundred steps, every seed.
 
 The reference trained demo_tiny_128 on ~45 records for 360 steps and asked for a falling

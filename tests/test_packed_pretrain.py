@@ -1,4 +1,4 @@
-"""Packed pre-training equals unpacked: per-sequence losses, logits and gradients (issue 4).
+"""Packed pre-training equals unpacked: per-sequence losses, logits and gradients.
 
 A tiny fp32 BERT (dropout 0) runs the same random sequences once one per row and once packed
 (block-diagonal attention, restarted positions, NSP from each [CLS]); everything must agree

@@ -1,4 +1,4 @@
-"""Packing algorithms, `bertforge pack` and `bertforge shuffle` (issue 4).
+"""Packing algorithms, `bertforge pack` and `bertforge shuffle`.
 
 Counts in = counts out everywhere; NNLSHP >= 99% efficient on a Wikipedia-shaped histogram
 at 512 with P = 3; SPFHP valid for P up to 8; packed shards hold exactly the input
@@ -28,8 +28,9 @@ from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
 from lengths import wikipedia_like_histogram  # benchmarks/lengths.py (conftest puts it on the path)
 
 
-# None: half the sequences at or near 512 (issue 4's description); 2.0: the full-length share
-# lowered to the packing factor the reference assumed for real Wikipedia at 512 (harder).
+# None: half the sequences at or near 512 ("half-full" in docs/packing.md); 2.0: the
+# full-length share lowered to the packing factor the reference assumed for real Wikipedia
+# at 512 (harder).
 @pytest.mark.parametrize("factor", [None, 2.0])
 def test_nnlshp_is_99_percent_efficient_on_wikipedia_shape_at_512(factor):
     histogram = wikipedia_like_histogram(512, n=2_000_000, packing_factor=factor)

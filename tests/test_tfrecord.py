@@ -1,6 +1,6 @@
 """TFRecord framing, CRC, .index files and the Example codec (src/bertforge/data/tfrecord.py).
 
-The `tfrecord` PyPI package is the independent writer and reader (issue 2 asks for interop);
+The `tfrecord` PyPI package is the independent writer and reader (interop is the requirement);
 protobuf (through that package's example_pb2) is the reference for the hand-written codec.
 """
 

@@ -2,7 +2,7 @@
 
 Tokenization is most of `bertforge tokenize`'s work: the Rust BERT pipeline (BertNormalizer
 + BertPreTokenizer + WordPiece, `encode_batch`) runs at ~3 MB/s a core here, 0.9 s of CPU
-for the 2.6 MB sample against a 1.7 s budget for the whole command (issue 2). Most of that
+for the 2.6 MB sample against a 1.7 s budget for the whole command. Most of that
 goes into normalizing and pre-tokenizing every occurrence of every word, while 1 MB of
 Wikipedia holds ~200k chunks but only ~18k distinct ones. So for BERT WordPiece tokenizers:
 1. one regex pass (C) cuts the text into chunks at places where BertPreTokenizer always

@@ -14,7 +14,7 @@ Over 40 seeds on the sample, Google's code (ported line by line, kept out of the
 this one agree on instances per run (5,769 +- 51 vs 5,826 +- 43 per duplication round), the
 NSP "random" share (53.5% vs 53.9%) and the mean length (117.1 vs 116.2 tokens).
 
-What differs is how, for speed (issue 2: the whole command in <= 1/10 of Google's 17.0 s
+What differs is how, for speed (the target: the whole command in <= 1/10 of Google's 17.0 s
 on the sample, on 2 cores) and bounded memory (Google holds every instance: 655 MB peak for
 2.6 MB of text):
 - The input is cut into tasks of ~1 MiB at document boundaries (text_tasks.py): the random

@@ -8,7 +8,7 @@ Two pieces that make the tokenize stage fast and its memory independent of the c
    that are the same in every row are one constant) and one boolean gather packs all rows.
    On 128-token BERT records it costs ~1/5 of calling `example.encode_example` per record
    (6.7 vs 37 us a record, same busy 2-core machine) and gives the same bytes (tested): for
-   the sample's 28k records ~0.2 s instead of ~1 s of a 1.7 s budget (issue 2).
+   the sample's 28k records ~0.2 s instead of ~1 s of a 1.7 s budget.
 
 2. The global shuffle. Google's script shuffled all instances in memory (655 MB peak for a
    2.6 MB input; it cannot run on a full Wikipedia). Here each tokenize task sends every

@@ -1,7 +1,7 @@
 """Input text -> deterministic, bounded tasks cut at document boundaries (for `tokenize`).
 
 `bertforge tokenize` must run in bounded memory on a 20 GB corpus, on all cores, with the
-same output for any number of workers (issue 2). So the input (files in sorted order, as one
+same output for any number of workers. So the input (files in sorted order, as one
 stream) is cut every `task_bytes` (1 MiB by default) into tasks, and a task moves each of
 its cuts forward to the next document boundary (just past a blank line) itself, by the same
 rule its neighbour uses: the tasks tile the input exactly, depend only on the input and

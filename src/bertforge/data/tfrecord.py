@@ -4,7 +4,7 @@ A TFRecord file is a sequence of records framed as
 `uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)` (little
 endian), masked = ((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2^32. Writing exactly this lets
 TensorFlow's tf.data, Google's BERT scripts and the `tfrecord` PyPI package read our shards,
-and lets us read theirs (issue 2). CRC32C comes from the `crc32c` package (SSE4.2/ARMv8
+and lets us read theirs. CRC32C comes from the `crc32c` package (SSE4.2/ARMv8
 instructions, GB/s), so checking every record costs ~1% of decoding it.
 
 Each shard `F` gets an index `F.index`: one line `byte_offset record_length` per record, where

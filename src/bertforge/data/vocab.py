@@ -9,7 +9,7 @@ truncates or pads.
   --vocab-file    any BERT vocab.txt, with BERT's normaliser and pre-tokeniser
   --tokenizer     any fast Hugging Face tokenizer (hub name online, local folder offline)
 The first two build the tokenizer from tokenizers' parts directly: ~0.1 s and no import of
-transformers or torch (~3 s together), which matters because issue 2 times the whole
+transformers or torch (~3 s together), which matters because the speed target times the whole
 `bertforge tokenize` command. Only --tokenizer pays for transformers. The built pipeline
 matches transformers' BertTokenizerFast on the same vocab (BertNormalizer with
 clean_text, Chinese-character spacing, accent stripping tied to lower-casing).
