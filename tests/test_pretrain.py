@@ -72,9 +72,11 @@ def test_existing_run_is_refused_unless_resuming(shards, tmp_path):
 
 
 def test_run_dir_resolves_latest_step_numerically(tmp_path):
-    for step in (2, 9, 10):
+    for step in (2, 9, 10, 12):
         (tmp_path / f"step_{step}").mkdir()
-        (tmp_path / f"step_{step}" / "config.json").write_text("{}")
+        for name in ("config.json", "model.safetensors", ckpt.STATE_FILE):
+            (tmp_path / f"step_{step}" / name).write_text("{}")
+    (tmp_path / "step_12" / "model.safetensors").unlink()  # no weights: never complete
     (tmp_path / ".tmp-step_11-123").mkdir()  # an interrupted save never counts
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_10"
     assert ckpt.resolve_checkpoint("bert-base-uncased") == "bert-base-uncased"

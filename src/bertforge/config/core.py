@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import types
 import typing
@@ -176,6 +177,10 @@ class Section:
                 raise ValueError(f"{name}: {err}") from None
             numbers = value if isinstance(value, list) else [value]
             for number in numbers:
+                # No setting of this project means anything at inf or nan (`--learning-rate
+                # inf` would train to an all-NaN model): refused for every number.
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ValueError(f"{name} must be a finite number, got {number}")
                 if (isinstance(number, (int, float)) and not isinstance(number, bool)
                         and _out_of_bounds(number, f.metadata)):
                     bounds = [f"{op} {f.metadata[k]}" for k, op in _BOUNDS

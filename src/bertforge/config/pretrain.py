@@ -112,6 +112,9 @@ class OptimSection(Section):
     beta1: float = opt(0.9, "first-moment decay", ge=0, lt=1)
     beta2: float = opt(0.999, "second-moment decay", ge=0, lt=1)
     eps: float = opt(1e-6, "denominator epsilon (the reference's 1e-6)", gt=0)
+    max_grad_norm: float | None = opt(
+        None, "clip the global gradient norm to this before each step (none: no clipping, as "
+        "the reference presets); the norm is logged every step either way", gt=0)
 
 
 @dataclass

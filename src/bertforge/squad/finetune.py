@@ -147,6 +147,12 @@ class SquadTask(Task):
     """Fine-tuning on SQuAD windows: span loss over each window's own tokens."""
 
     name = "squad"
+    # Step s takes global-batch window s of the seeded permutations whatever the world size
+    # or micro-batch; the windows depend on the file and the window shape.
+    resume_keys = (("optim", "optimizer"), ("train", "global_batch_size"),
+                   ("train", "random_seed"), ("data", "train_file"), ("data", "dataset"),
+                   ("data", "sequence_length"), ("data", "doc_stride"),
+                   ("data", "max_query_length"), ("data", "tokenizer"))
 
     def __init__(self, cfg: SquadConfig):
         self.cfg = cfg

@@ -4,8 +4,12 @@
 config.json, loadable by `transformers.BertForPreTraining.from_pretrained`), the tokenizer
 files (so SQuAD and serving need no extra flag), `bertforge_config.json` (the resolved run
 config) and `training_state.pt` (step, batches consumed, optimizer, schedule, grad scaler,
-RNG states, last metrics). A checkpoint is written into a hidden temporary directory and
-renamed into place: a kill during a save leaves a `.tmp-*` folder, never a `step_<N>`.
+RNG states, last metrics). A step is complete only with its config, weights and training
+state. A checkpoint is written into a hidden temporary directory and renamed into place; an
+existing step is moved aside (`.old-step_<N>-*`) before the new one is renamed in and removed
+after, so a kill at any point leaves either step complete, never a step without weights.
+`clean_leftovers` removes a killed save's temporary folder (GBs for BERT-large) and puts a
+step that was moved aside back if its replacement never arrived.
 Training state holds only tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`: no arbitrary unpickling.
 
@@ -31,13 +35,38 @@ STATE_FILE = "training_state.pt"
 CONFIG_FILE = "bertforge_config.json"
 
 
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_complete_step(step_dir: Path) -> bool:
+    return ((step_dir / "config.json").is_file() and (step_dir / STATE_FILE).is_file()
+            and any((step_dir / w).is_file() for w in WEIGHTS))
+
+
 def step_dirs(run_dir: Path) -> list[Path]:
     """Complete step directories of a run, in numeric order."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), d) for d in run_dir.iterdir()
-             if d.is_dir() and (m := STEP_DIR.fullmatch(d.name)) and (d / "config.json").exists()]
+             if d.is_dir() and (m := STEP_DIR.fullmatch(d.name)) and is_complete_step(d)]
     return [d for _, d in sorted(found)]
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Temporary folders of killed saves removed; a step moved aside by a save that was
+    killed before its replacement arrived is put back."""
+    if not run_dir.is_dir():
+        return
+    for item in run_dir.iterdir():
+        if item.name.startswith(".tmp-step_"):
+            shutil.rmtree(item, ignore_errors=True)
+        elif m := re.fullmatch(r"\.old-(step_\d+)-\d+", item.name):
+            final = run_dir / m.group(1)
+            if is_complete_step(final):
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(item, final)
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path | str:
@@ -58,11 +87,32 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path | str:
     return str(path_or_name)  # a hub name such as bert-base-uncased, resolved by transformers
 
 
-def refuse_existing_run(run_dir: Path, resuming: bool) -> None:
-    if step_dirs(run_dir) and not resuming:
-        raise ValueError(f"{run_dir} already holds checkpoints ({step_dirs(run_dir)[-1].name}); "
-                         "pass --resume-training-from-checkpoint to continue that run, or choose "
-                         "another --checkpoint-output-dir")
+def check_run_dir(run_dir: Path, source: Path | None) -> None:
+    """Where a run may write: a new or untrained folder, or (resuming `source`) the run it
+    continues from its newest step, or a new folder to branch into."""
+    steps = step_dirs(run_dir)
+    # Only step_0 (saved at the start of pre-training): an earlier attempt crashed before its
+    # first real checkpoint, so re-running the same command starts it again.
+    trained = [s for s in steps if s.name != "step_0"]
+    if source is None:
+        if trained:
+            raise ValueError(f"{run_dir} already holds checkpoints ({trained[-1].name}); to "
+                             f"continue that run give --checkpoint-input-dir {run_dir} "
+                             "--resume-training-from-checkpoint, or choose another "
+                             "--checkpoint-output-dir")
+        return
+    source_run = Path(source).resolve().parent
+    if run_dir.resolve() != source_run:
+        if trained:
+            raise ValueError(f"--checkpoint-output-dir {run_dir} holds another run's checkpoints "
+                             f"({trained[-1].name}); resume {source} into its own run (drop "
+                             "--checkpoint-output-dir) or branch into a new, empty folder")
+        return
+    newest = step_dirs(source_run)[-1]
+    if newest.resolve() != Path(source).resolve():
+        raise ValueError(f"{source} is not the newest step of {source_run} ({newest.name} is): "
+                         f"resume the newest with --checkpoint-input-dir {source_run}, or branch "
+                         f"from {Path(source).name} into a new folder with --checkpoint-output-dir")
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,9 +150,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_s
                 shutil.copy2(item, tmp / item.name)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
         torch.save(training_state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
+        aside = run_dir / f".old-step_{step}-{os.getpid()}"
+        if final.exists():  # moved aside, not deleted: a kill here keeps it (clean_leftovers)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

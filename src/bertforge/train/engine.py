@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bertforge.config import flag_name
 from bertforge.model.attention import check_varlen
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, sync_gradients,
@@ -62,6 +64,14 @@ class TrainResult:
         return sum(values) / max(1, len(values))
 
 
+class Diverged(ValueError):
+    """A step's loss or gradient norm is inf/nan (not an fp16 overflow the loss scaler skips)."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        self.loss, self.grad_norm = loss, grad_norm
+        super().__init__(f"loss {loss:.4g}, gradient norm {grad_norm:.4g}")
+
+
 class Engine:
     """Holds a run's objects; `train()` runs the task's steps. Built on every rank; rank 0
     alone writes the run directory."""
@@ -85,10 +95,15 @@ class Engine:
             self.run_dir = Path(self.source).parent
         else:
             self.run_dir = default_run_dir(cfg.config, recipe=task.name)
-        if ctx.is_main and task.trains:
-            ckpt.refuse_existing_run(self.run_dir, resuming=self.state is not None)
+        if ctx.is_main:
+            ckpt.clean_leftovers(self.run_dir)
+            if task.trains:
+                ckpt.check_run_dir(self.run_dir, Path(self.source) if self.state else None)
+        if self.state is not None:
+            self.check_resume()
         # Tokenizer files saved with every checkpoint; the task sets them (build_model, prepare).
         self.tokenizer_dir: Path | None = None
+        self.last_checkpoint: Path | None = None  # rank 0: the newest complete step of this run
         self.model = task.build_model(self)
         if self.source is not None:
             # The checkpoint decides the shape: record it in the run config that gets saved.
@@ -106,6 +121,23 @@ class Engine:
                                    loss_scaling=t.loss_scaling)
 
     # ------------------------------------------------------------ checkpoints
+    def check_resume(self) -> None:
+        """Refuse a resume whose settings would make the saved data position or optimizer
+        state mean something else (the task names those settings: `Task.resume_keys`)."""
+        saved = json.loads((Path(self.source) / ckpt.CONFIG_FILE).read_text())
+        now = self.cfg.to_dict()
+        changed = [f"{flag_name(key)} {saved.get(section, {}).get(key)!r} -> "
+                   f"{now[section][key]!r}" for section, key in self.task.resume_keys
+                   if saved.get(section, {}).get(key, now[section][key]) != now[section][key]]
+        if self.task.order_depends_on_world_size and \
+                self.state.get("world_size", self.ctx.world_size) != self.ctx.world_size:
+            changed.append(f"world size {self.state['world_size']} -> {self.ctx.world_size}")
+        if changed:
+            raise ValueError(
+                f"cannot resume {self.source}: {', '.join(changed)} would change what its saved "
+                "data position and optimizer state mean; resume with the saved settings, or "
+                "start a new run from its weights (drop --resume-training-from-checkpoint)")
+
     def save(self, step: int, consumed_batches: int, metrics: dict[str, float]) -> Path | None:
         """Checkpoint `step` (rank 0 writes, every rank waits); its path on rank 0."""
         path = None
@@ -120,6 +152,7 @@ class Engine:
                                         tokenizer_dir=self.tokenizer_dir)
             log.info("saved checkpoint %s", path)
         barrier(self.ctx)
+        self.last_checkpoint = path
         return path
 
     # ------------------------------------------------------------ one step
@@ -134,12 +167,25 @@ class Engine:
             self.precision.backward(loss)
             stats = stats.detach().to(torch.float64)
             totals = stats if totals is None else totals + stats
-        self.precision.step(self.optimizer)
+        metrics = self.task.metrics(all_reduce_sum(totals, self.ctx).tolist(), self.ctx.world_size)
+        grad_norm = float(self.precision.unscale_and_clip(self.optimizer, self.cfg.optim.max_grad_norm))
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        if not finite and not self.precision.skips_bad_steps:
+            # Before the update: the weights stay those of the last good step.
+            raise Diverged(metrics["loss"], grad_norm)
+        skipped = self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        metrics = self.task.metrics(all_reduce_sum(totals, self.ctx).tolist(), self.ctx.world_size)
-        return {"lr": lr, **metrics}
+        metrics.update(lr=lr, grad_norm=grad_norm)
+        if self.precision.skips_bad_steps:
+            self.skipped_steps += skipped
+            metrics.update(loss_scale=self.precision.loss_scale, skipped_steps=self.skipped_steps)
+            if skipped:
+                log.warning("fp16 loss scaling: non-finite gradients, step skipped and the loss "
+                            "scale lowered to %g (%d steps skipped so far)",
+                            self.precision.loss_scale, self.skipped_steps)
+        return metrics
 
     def compile_only(self) -> TrainResult:
         """Compile forward+backward on one synthetic micro-batch (fills --executable-cache-dir)."""
@@ -173,6 +219,11 @@ class Engine:
         start_step, consumed = 0, 0
         metrics: dict[str, float] = {}
         if self.state is not None:
+            if steps <= int(self.state["step"]):
+                raise ValueError(f"--training-steps {steps} is not beyond {self.source}'s step "
+                                 f"{self.state['step']}: give more steps to continue it, or "
+                                 "start a new run from its weights (drop "
+                                 "--resume-training-from-checkpoint)")
             self.optimizer.load_state_dict(self.state["optimizer"])
             self.scheduler.load_state_dict(self.state["scheduler"])
             self.precision.load_state_dict(self.state["precision"])
@@ -191,6 +242,7 @@ class Engine:
         clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
                        metrics.get("samples", 0.0))
         saved_step = None  # the step of the last periodic checkpoint
+        self.skipped_steps = int(metrics.get("skipped_steps", 0))
         from bertforge.progress import bars_enabled, progress
         # A bar on a terminal, else (a log file, --disable-progress-bar) the step line.
         use_bar = ctx.is_main and not t.disable_progress_bar and bars_enabled()
@@ -202,7 +254,15 @@ class Engine:
         for step in bar:
             begin = time.perf_counter()
             micro = next(batches)
-            metrics = self.train_step(micro)
+            try:
+                metrics = self.train_step(micro)
+            except Diverged as err:
+                kept = self.last_checkpoint or "none was saved"
+                raise ValueError(
+                    f"step {step}: {err}: training diverged; the weights were not updated and "
+                    f"no checkpoint is written (the last good one: {kept}). Try a lower "
+                    "--learning-rate or a longer --lr-warmup, --max-grad-norm 1.0, or --precision "
+                    "bf16 (fp16 needs --auto-loss-scaling)") from None
             consumed += len(micro)
             elapsed = time.perf_counter() - begin
             # "sequences": this step's (task metric); "samples": since the run began (clock).
@@ -258,10 +318,14 @@ class Engine:
                   ) -> dict[str, float] | None:
         """The task's held-out metrics at `step`, logged with the clock (its time counts as
         wall time)."""
+        # Evaluation must not change training: its loaders may draw from the global RNGs
+        # (a DataLoader's base seed), so they are restored after it (exact resume with eval).
+        rng = ckpt.rng_state()
         self.model.eval()
         with torch.no_grad():
             ev = self.task.evaluate(self)
         self.model.train()
+        ckpt.set_rng_state(rng)
         if ev is None:
             return None
         ev.update(clock.evaluated())

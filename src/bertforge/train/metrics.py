@@ -27,7 +27,10 @@ def format_step_line(step: int, total_steps: int, m: dict[str, float],
             f" throughput: {m['samples_per_s']:.1f} samples/sec"
             + (f" - real tokens/s: {m['real_tokens_per_s']:.0f}" if "real_tokens_per_s" in m
                else "")
-            + (f" - wall: {m['wall_s']:.1f} s" if "wall_s" in m else ""))
+            + (f" - wall: {m['wall_s']:.1f} s" if "wall_s" in m else "")
+            + (f" - grad norm: {m['grad_norm']:.3g}" if "grad_norm" in m else "")
+            + (f" - loss scale: {m['loss_scale']:g} ({int(m['skipped_steps'])} skipped)"
+               if "loss_scale" in m else ""))
 
 
 class MetricsLogger:

@@ -6,6 +6,11 @@
   the counterpart of the reference's ALS: grows the scale every 2000 clean steps, halves it and
   skips the step on inf/nan) or a static `--loss-scaling S` (loss x S, gradients / S).
 Master weights and optimizer state stay fp32 in every mode.
+
+A step is `unscale_and_clip` (gradients back to their true scale, the global norm measured
+and, with --max-grad-norm, clipped: the norm is what the loop checks for inf/nan and logs)
+then `step`, which reports whether dynamic loss scaling skipped it. Cost: one pass over the
+gradients for the norm (a fused foreach kernel), ~1% of a BERT-mini step on CPU.
 """
 
 from __future__ import annotations
@@ -43,17 +48,37 @@ class Precision:
         else:
             loss.backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def unscale_and_clip(self, optimizer: torch.optim.Optimizer,
+                         max_norm: float | None = None) -> torch.Tensor:
+        """Gradients at their true scale; returns their global L2 norm (before clipping), and
+        clips them to `max_norm` when given. inf/nan when any gradient is."""
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        grads = [p.grad for p in params]
         if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        elif self.static_scale not in (None, 1.0):
+            torch._foreach_div_(grads, self.static_scale)
+        norm = torch.nn.utils.get_total_norm(grads)
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer step after `unscale_and_clip`; True when dynamic loss scaling skipped
+        it (inf/nan gradients: the scale is halved and the step not taken)."""
+        if self.scaler is not None:
+            before = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()
-            return
-        if self.static_scale not in (None, 1.0):
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.div_(self.static_scale)
+            return self.scaler.get_scale() < before
         optimizer.step()
+        return False
+
+    @property
+    def skips_bad_steps(self) -> bool:
+        """Dynamic loss scaling: inf/nan gradients are expected now and then and skipped."""
+        return self.scaler is not None
 
     @property
     def loss_scale(self) -> float:

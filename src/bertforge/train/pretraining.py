@@ -38,6 +38,12 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
 class PretrainTask(Task):
     name = "pretrain"
     checkpoint_at_start = True  # step_0, as the reference
+    resume_keys = (("optim", "optimizer"), ("train", "micro_batch_size"),
+                   ("train", "gradient_accumulation"), ("train", "global_batch_size"),
+                   ("train", "random_seed"), ("data", "input_files"), ("data", "dataset"),
+                   ("data", "synthetic_data"), ("data", "sequence_length"),
+                   ("data", "mask_tokens"), ("data", "packed_data"), ("data", "shuffle"))
+    order_depends_on_world_size = True  # rank r reads every W-th record (data/loader.py)
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg

@@ -27,6 +27,10 @@ class Task:
     checkpoint_at_start = False  # also save step 0 (pre-training does, as the reference)
     eval_every = 0             # evaluate every N steps during training (0: at the end only)
     target: tuple[str, float] | None = None  # stop once evaluate()[name] >= value
+    # Settings (section, field) that a resume must keep: they decide the data order, the
+    # batch a saved position points into, or what the optimizer state holds.
+    resume_keys: tuple[tuple[str, str], ...] = (("optim", "optimizer"),)
+    order_depends_on_world_size = False  # True: ranks split the data, so N ranks != M ranks
 
     def build_model(self, engine: Engine) -> torch.nn.Module:
         """The model, from `engine.source` (a checkpoint) when there is one."""
