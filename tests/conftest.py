@@ -53,7 +53,8 @@ TIERS = {
     "test_wiki": "unit",
     "test_serve_engine": "unit", "test_serve_export": "unit serve",
     "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e learning", "test_package": "e2e",
-    "test_pretrain": "e2e", "test_squad_finetune": "e2e", "test_squad_real": "e2e learning",
+    "test_pretrain": "e2e", "test_run_safety": "e2e", "test_squad_finetune": "e2e",
+    "test_squad_real": "e2e learning",
     "test_serve": "e2e serve", "test_serve_triton_repo": "e2e serve",
     # Single tests that run a whole command inside a unit module.
     "test_gpu_check::test_without_a_gpu_it_says_so_in_one_line_writes_nothing_and_exits_0": "e2e",
