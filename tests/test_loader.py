@@ -147,7 +147,7 @@ def test_mismatched_records_name_the_record(tmp_path):
         writer.write(record(0))
         writer.write(encode_example({"input_ids": np.arange(SEQ + 1), "record_id": [1]}))
     offset = int(read_index(path)[1, 0])
-    with pytest.raises(ValueError, match=f"{path}: record at byte offset {offset}"):
+    with pytest.raises(ValueError, match=f"{path}: record 1 \\(at byte offset {offset}\\)"):
         list(PretrainingDataset([path], 2, shuffle=False, infinite=False))
 
 
@@ -171,11 +171,13 @@ def test_file_errors_are_clear(shards, tmp_path):
 def test_masked_label_counts_count_the_labelled_slots(shards, tmp_path):
     from bertforge.data.loader import masked_label_counts
     # record i has MASKS labels of id i with weight i / 2: record 0's weight-0 slots are padding
-    counts = masked_label_counts(shards, vocab_size=64)
-    expected = np.zeros(64, np.int64)
+    counts = masked_label_counts(shards, vocab_size=4000)  # input ids go up to 3907
+    expected = np.zeros(4000, np.int64)
     expected[1:40] = MASKS
     assert np.array_equal(counts, expected)
-    first = masked_label_counts(shards, vocab_size=64, max_records=20)  # file order, 20 records
+    first = masked_label_counts(shards, vocab_size=4000, max_records=20)  # file order
     assert first.sum() == 19 * MASKS and first[20:].sum() == 0
-    with pytest.raises(ValueError, match=r"part-00.tfrecord.*label id 39 is outside.*vocab_size 30"):
-        masked_label_counts(shards, vocab_size=30)
+    # record 30 (the 5th of part-02) is the first whose input ids reach 3000
+    with pytest.raises(ValueError, match=r"part-02.tfrecord: record 4 .*'input_ids' holds 3000 "
+                                         r".*vocab of 3000 tokens.*--vocab-size"):
+        masked_label_counts(shards, vocab_size=3000)

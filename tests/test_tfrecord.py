@@ -215,7 +215,7 @@ def test_interop_tfrecord_package_as_writer(tmp_path):
     writer.close()
     create_index(str(path), str(tmp_path / "theirs.tfindex"))
     assert write_index(path) == 12
-    ours, theirs = tmp_path / "theirs.tfrecord.index", tmp_path / "theirs.tfindex"
+    ours, theirs = tmp_path / "theirs.index", tmp_path / "theirs.tfindex"
     assert ours.read_text() == theirs.read_text()
     decoded = [decode_example(r) for r in iter_records(path, read_index(path))]
     assert [d["input_ids"].tolist() for d in decoded] == [list(range(i, i + 5)) for i in range(12)]
@@ -229,7 +229,7 @@ def test_interop_tfrecord_package_as_reader(tmp_path):
     with RecordWriter(path) as writer:
         for ints, floats in records:
             writer.write(encode_example(ints, floats))
-    index = str(path) + ".index"
+    index = str(tmp_path / "ours.index")  # the reference's name: .tfrecord -> .index
     read = [r for shard in range(3)
             for r in tfrecord_loader(str(path), index, shard=(shard, 3))]  # uses our index
     assert len(read) == 10
@@ -278,7 +278,7 @@ def test_corrupt_length_and_truncation(tmp_path):
 def test_index_errors_are_clear(tmp_path):
     path = tmp_path / "shard.tfrecord"
     write_shard(path, 4)
-    index = tmp_path / "shard.tfrecord.index"
+    index = tmp_path / "shard.index"
     lines = index.read_text().splitlines()
     index.write_text("\n".join(lines[:2] + ["12 x"] + lines[3:]) + "\n")
     with pytest.raises(ValueError, match="line 3"):
@@ -297,12 +297,12 @@ def test_index_command_end_to_end(tmp_path, capsys):
     expected = {}
     for i, path in enumerate(paths):
         write_shard(path, 5 + i, start=100 * i)
-        expected[path] = (tmp_path / f"{path.name}.index").read_text()
-        (tmp_path / f"{path.name}.index").unlink()
+        expected[path] = (tmp_path / f"{path.stem}.index").read_text()
+        (tmp_path / f"{path.stem}.index").unlink()
     assert main(["index", *map(str, paths), "--workers", "2"]) == 0
     assert "index: 3 files, 18 records; skipped: none" in capsys.readouterr().out
     for path in paths:
-        assert (tmp_path / f"{path.name}.index").read_text() == expected[path]
+        assert (tmp_path / f"{path.stem}.index").read_text() == expected[path]
     # re-run on a glob that also matches the indexes: complete, up-to-date ones are skipped
     assert main(["index", *map(str, sorted(tmp_path.glob("part-*")))]) == 0
     assert "0 files, 0 records; skipped: 3 already-indexed, 3 index-file-given" in (

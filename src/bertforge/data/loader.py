@@ -24,6 +24,15 @@ bytes per record (160 MB each for a 7M-record, 2x Wikipedia-sized dataset), buil
 once per epoch; fine up to ~10^8 records, beyond which a two-level shuffle (shards, then
 records within a window) would be needed.
 
+Every batch's values are checked as it is read (`check_values`): ids >= 0 (and below the
+vocab size when the reader is given it), positions inside the S tokens of the record, segment
+ids, NSP labels and masks 0 or 1, sequence numbers of packed rows within their P slots. Shards
+from another vocab or a broken writer would otherwise fail later as a bare IndexError inside
+an embedding or a gather, naming no file; here the error names the file, the record number
+within it and the feature. The check is one unsigned max() per feature (a negative int64 seen
+as uint64 is above any bound): ~20 us per 32 x 128 batch against ~1.3 ms to read and decode it
+(bert-base records, one core of the shared dev machine), ~1.5%.
+
 What the shards hold is checked here too, before a run starts: `record_kind` reads one record
 per file (unpacked, packed, or the reference packer's), `check_inputs` refuses mixed kinds or a
 kind that contradicts --packed-data, `measure_packing_factor` samples sequences per packed
@@ -44,6 +53,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bertforge import rows
 from bertforge.data.example import decode_examples
 from bertforge.data.tfrecord import INDEX_SUFFIX, iter_records, read_index, read_record_at
+
+_RECREATE = ("the shards are damaged or were not written as BERT pre-training records; "
+             "re-create them with `bertforge tokenize` (and `bertforge pack`)")
+_OTHER_VOCAB = ("made with another vocab? give --vocab-size (and --tokenizer) of the vocab "
+                "the shards were made with")
+# Features whose values index something, by what bounds them (from 0 up to, excluding):
+# token ids the vocab; positions the S tokens of the row; 0/1 flags 2; the sequence number
+# of a packed row's token or label (0 = none) its P sequence slots + 1.
+# Unpacked, our packed and the reference packer's (packed_*) records, docs/packing.md.
+_TOKEN_IDS = ("input_ids", "masked_lm_ids", "packed_input_ids", "packed_masked_lm_ids")
+_POSITIONS = ("masked_lm_positions", "position_ids", "cls_positions",
+              "packed_masked_lm_positions", "packed_position_ids")
+_FLAGS = ("input_mask", "segment_ids", "next_sentence_labels", "next_sentence_mask",
+          "packed_segment_ids", "packed_next_sentence_labels")
+_SEQUENCE_NUMBERS = ("sequence_ids", "masked_lm_sequence", "packed_input_mask")
 
 
 def expand_files(patterns: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -72,24 +96,74 @@ def expand_files(patterns: str | Path | Sequence[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+def check_values(arrays: dict[str, np.ndarray], describe, vocab_size: int | None = None
+                 ) -> None:
+    """Refuse a decoded batch whose ids, positions or flags are out of range.
+
+    `arrays`: [N, k] int64 arrays by feature name (decode_examples' output); `describe(i)`
+    names record i of the batch (file and record number). Bounds are in the tables above;
+    token ids are bounded by `vocab_size` when given, else only checked to be >= 0. A ValueError
+    names the record, the feature, the value and what to do. Cost: one max() per feature over
+    the batch (measured in the module docstring); locating the bad value only on failure.
+    """
+    width = next((arrays[k].shape[1] for k in ("input_ids", "packed_input_ids") if k in arrays),
+                 None)
+    slots = next((arrays[k].shape[1] for k in ("next_sentence_labels", "cls_positions",
+                                              "packed_next_sentence_labels") if k in arrays), 1)
+    no_limit = np.iinfo(np.int64).max + 1  # as uint64: catches exactly the negative values
+    for name, values in arrays.items():
+        if not isinstance(values, np.ndarray) or values.dtype != np.int64 or not values.size:
+            continue
+        if name in _TOKEN_IDS:
+            limit, what = vocab_size or no_limit, "a token id"
+        elif name in _POSITIONS:
+            limit, what = width or no_limit, f"a position in the {width} tokens of input_ids"
+        elif name in _FLAGS:
+            limit, what = 2, "0 or 1"
+        elif name in _SEQUENCE_NUMBERS:
+            limit, what = slots + 1, f"a sequence number 0..{slots} of a packed row"
+        else:
+            continue
+        limit = np.uint64(limit)
+        unsigned = values.view(np.uint64)  # one pass: negatives become >= 2^63
+        if unsigned.max() < limit:
+            continue
+        row, column = np.argwhere(unsigned >= limit)[0].tolist()
+        value = int(values[row, column])
+        if name in _TOKEN_IDS and value >= 0:
+            hint = f"is outside the vocab of {vocab_size} tokens; {_OTHER_VOCAB}"
+        else:
+            hint = f"must be {what}; {_RECREATE}"
+        raise ValueError(f"{describe(row)}: feature {name!r} holds {value} (value {column}), "
+                         f"which {hint}")
+
+
 class PretrainingDataset(IterableDataset):
-    """Batches of records from indexed TFRecord shards; see the module docstring."""
+    """Batches of records from indexed TFRecord shards; see the module docstring.
+
+    `vocab_size`, when given, bounds the token ids of every batch (`check_values`), so that
+    shards made with another vocab are refused with the file and record named.
+    """
 
     def __init__(self, files: Sequence[str | Path], batch_size: int, *, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0,
                  drop_last_epoch_partial: bool = False, check_crc: bool = True,
-                 infinite: bool = True):
+                 infinite: bool = True, vocab_size: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if start_batch < 0 or seed < 0:
             raise ValueError(f"start_batch ({start_batch}) and seed ({seed}) must be >= 0")
         self.files = expand_files(files)
         indexes = [read_index(path) for path in self.files]
-        self._file_ids = np.repeat(np.arange(len(self.files), dtype=np.int32),
-                                   [len(index) for index in indexes])
+        sizes = [len(index) for index in indexes]
+        self._file_ids = np.repeat(np.arange(len(self.files), dtype=np.int32), sizes)
+        self._file_starts = np.cumsum([0] + sizes[:-1])  # global number of each file's record 0
+        self.vocab_size = vocab_size
         entries = np.concatenate(indexes) if indexes else np.zeros((0, 2), np.int64)
         self._offsets, self._lengths = entries[:, 0].copy(), entries[:, 1].copy()
         self.num_records = len(self._offsets)
@@ -151,8 +225,12 @@ class PretrainingDataset(IterableDataset):
                 files[file_id] = os.open(self.files[file_id], os.O_RDONLY)
             data.append(read_record_at(files[file_id], self.files[file_id], offset, length,
                                        self.check_crc))
-        arrays = decode_examples(data, lambda i: f"{self.files[file_ids[i]]}: record at byte "
-                                                 f"offset {offsets[i]}")
+        def describe(i: int) -> str:
+            number = int(records[i] - self._file_starts[file_ids[i]])
+            return f"{self.files[file_ids[i]]}: record {number} (at byte offset {offsets[i]})"
+
+        arrays = decode_examples(data, describe)
+        check_values(arrays, describe, self.vocab_size)
         batch = {}
         for name, values in arrays.items():
             if isinstance(values, list):
@@ -197,10 +275,11 @@ def masked_label_counts(files: Sequence[str | Path], vocab_size: int,
     `bertforge tokenize` shuffles records globally, so the first records are a fair sample;
     16k records x 20 labels is ~330k tokens, enough for the frequencies that matter (the
     head of the distribution). Cost: reading and decoding them, ~0.5 s on one core.
-    A label outside the vocabulary means the shards were made with another vocab: refused
-    here, before any training, with the file named.
+    An id outside the vocabulary means the shards were made with another vocab: refused
+    here (the reader's check_values), before any training, with the file and record named.
     """
-    dataset = PretrainingDataset(files, batch_size=1024, shuffle=False, infinite=False)
+    dataset = PretrainingDataset(files, batch_size=1024, shuffle=False, infinite=False,
+                                 vocab_size=vocab_size)
     counts = np.zeros(vocab_size, np.int64)
     seen = 0
     for batch in dataset:
@@ -211,12 +290,6 @@ def masked_label_counts(files: Sequence[str | Path], vocab_size: int,
         batch = rows.as_rows(batch)
         real = rows.labelled_slots(batch)[:max_records - seen]  # the loss's rule
         labels = batch["masked_lm_ids"][:len(real)][real].numpy()
-        if labels.size and (labels.min() < 0 or labels.max() >= vocab_size):
-            bad = int(labels.max() if labels.max() >= vocab_size else labels.min())
-            raise ValueError(f"{', '.join(map(str, dataset.files))}: masked-LM label id {bad} is "
-                             f"outside the model's vocabulary (vocab_size {vocab_size}); the "
-                             "shards were made with another vocab: give --vocab-size (and "
-                             "--tokenizer) of the vocab the shards were tokenized with")
         counts += np.bincount(labels, minlength=vocab_size)
         seen += len(real)
         if seen >= max_records:

@@ -7,12 +7,20 @@ TensorFlow's tf.data, Google's BERT scripts and the `tfrecord` PyPI package read
 and lets us read theirs. CRC32C comes from the `crc32c` package (SSE4.2/ARMv8
 instructions, GB/s), so checking every record costs ~1% of decoding it.
 
-Each shard `F` gets an index `F.index`: one line `byte_offset record_length` per record, where
+Each shard gets an index: one line `byte_offset record_length` per record, where
 record_length is the whole framed record (16 + len(data)), the convention of the `tfrecord`
 package's tools/tfrecord2idx.py, so its readers take our indexes unchanged. The index makes
 random access (seeded shuffling, exact resume) possible without scanning shards. Shards and
 indexes are written to temporary names and renamed into place only when the writer closes
 cleanly, data file first and index last: an index present means its shard is complete.
+
+Index names. The reference's loader looks for `filename.replace(".tfrecord", ".index")`, so
+`wiki_000.tfrecord` has `wiki_000.index`; that is the name written here (`index_path`), so
+shards flow both ways without re-indexing. (tfrecord2idx writes whatever path it is given;
+its directory mode writes `wiki_000.tfindex`, which neither side reads.) Earlier bertforge
+versions wrote `wiki_000.tfrecord.index`: still read, and removed when bertforge re-indexes or
+rewrites the shard. Both present with different contents is an error naming both. A shard
+whose name does not end in `.tfrecord` has `NAME.index` (the two rules agree there).
 
 """
 
@@ -38,6 +46,7 @@ _HEADER = struct.Struct("<QI")  # length, masked crc of the length bytes
 _FOOTER = struct.Struct("<I")
 FRAME_OVERHEAD = 16  # 8 length + 4 length crc + 4 data crc
 INDEX_SUFFIX = ".index"
+SHARD_SUFFIX = ".tfrecord"
 
 
 class CorruptRecordError(ValueError):
@@ -52,10 +61,11 @@ def masked_crc32c(data: bytes) -> int:
 
 # ---------------------------------------------------------------- writing shards
 class RecordWriter:
-    """Write framed records to `path` and their index to `path.index`, atomically.
+    """Write framed records to `path` and their index to `index_path(path)`, atomically.
 
     Both go to temporary siblings and are renamed into place on a clean close (data first,
-    index last); an exception inside the `with` block removes the temporaries instead.
+    index last), then an index under the old name (`path.index`) is removed: it described the
+    file this one replaced. An exception inside the `with` block removes the temporaries.
     """
 
     def __init__(self, path: str | Path):
@@ -82,19 +92,62 @@ class RecordWriter:
     def close(self) -> None:
         """Finish: flush, close and rename both files into place."""
         self._stack.close()
+        _remove_old_index(self.path)
 
     def __enter__(self) -> "RecordWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+            return False
         # Passing the exception on makes atomic_output drop its temporaries.
         return self._stack.__exit__(exc_type, exc, tb)
 
 
 # ---------------------------------------------------------------- reading shards
 def index_path(path: str | Path) -> Path:
-    """The index file of shard `path`."""
+    """The index file written for shard `path`: `X.index` for `X.tfrecord` (the reference's
+    name), `NAME.index` for any other NAME."""
+    path = Path(path)
+    if path.name.endswith(SHARD_SUFFIX) and path.name != SHARD_SUFFIX:
+        return path.with_name(path.name[:-len(SHARD_SUFFIX)] + INDEX_SUFFIX)
     return Path(f"{path}{INDEX_SUFFIX}")
+
+
+def old_index_path(path: str | Path) -> Path:
+    """The name earlier bertforge versions gave the index of `path`: `X.tfrecord.index`."""
+    return Path(f"{path}{INDEX_SUFFIX}")
+
+
+def _remove_old_index(path: Path) -> None:
+    """After (re-)indexing `path` under index_path: drop a copy under the old name."""
+    if old_index_path(path) != index_path(path):
+        old_index_path(path).unlink(missing_ok=True)
+
+
+def find_index(path: str | Path) -> Path | None:
+    """The index of shard `path` that exists (the reference's name or the old one), or None.
+
+    Both present is fine when their bytes are equal; otherwise it is a ValueError naming both,
+    since nothing says which one describes the shard.
+    """
+    new, old = index_path(path), old_index_path(path)
+    present = [p for p in dict.fromkeys((new, old)) if p.is_file()]
+    if len(present) == 2 and new.read_bytes() != old.read_bytes():
+        raise ValueError(f"{path} has two different indexes, {new} and {old} (the old name); "
+                         f"run `bertforge index {path}` to rewrite {new.name} from the shard "
+                         f"and remove {old.name}")
+    return present[0] if present else None
+
+
+def _shard_of_index(index: Path) -> Path:
+    """The shard an index file belongs to: `X` for an old-style `X.index` next to an existing
+    `X`, else the reference's `X.tfrecord`."""
+    stem = Path(str(index)[: -len(INDEX_SUFFIX)])
+    if stem.name.endswith(SHARD_SUFFIX) or stem.is_file():
+        return stem
+    return stem.with_name(stem.name + SHARD_SUFFIX)
 
 
 def _corrupt(path: str | Path, offset: int, what: str) -> CorruptRecordError:
@@ -171,8 +224,7 @@ def iter_records(path: str | Path, index: np.ndarray | None = None,
         os.close(fd)
 
 
-def _index_error(index: Path, line: int, what: str) -> ValueError:
-    data = str(index)[: -len(INDEX_SUFFIX)]
+def _index_error(index: Path, data: Path, line: int, what: str) -> ValueError:
     return ValueError(f"{index}: line {line}: {what}; re-create it with `bertforge index {data}`")
 
 
@@ -180,13 +232,14 @@ def read_index(path: str | Path) -> np.ndarray:
     """The [n, 2] int64 (offset, framed length) index of shard `path` (or of `path` if .index).
 
     Checks that entries are well formed and contiguous from byte 0 and, when the shard is
-    present, that they end exactly at its size (a stale or foreign index is an error).
+    present, that they end exactly at its size: a stale, foreign, short or empty index beside
+    a non-empty shard is an error (an empty one would silently drop the whole shard).
     """
     path = Path(path)
-    index = path if path.name.endswith(INDEX_SUFFIX) else index_path(path)
-    data = Path(str(index)[: -len(INDEX_SUFFIX)])
-    if not index.exists():
-        raise FileNotFoundError(f"{index}: no index for TFRecord file {data}; "
+    data = _shard_of_index(path) if path.name.endswith(INDEX_SUFFIX) else path
+    index = find_index(data)
+    if index is None:
+        raise FileNotFoundError(f"{index_path(data)}: no index for TFRecord file {data}; "
                                 f"run `bertforge index {data}` to write it")
     raw = index.read_bytes()
     tokens = raw.split()
@@ -197,13 +250,16 @@ def read_index(path: str | Path) -> np.ndarray:
         except ValueError:
             entries = None
     if entries is None or not _contiguous(entries):
-        _find_bad_line(index, raw)  # raises, naming the line
+        _find_bad_line(index, data, raw)  # raises, naming the line
         raise AssertionError("the fast and the line-by-line index checks disagree")
-    if data.exists() and len(entries):
-        end, size = int(entries[-1].sum()), data.stat().st_size
+    if data.exists():
+        end, size = (int(entries[-1].sum()) if len(entries) else 0), data.stat().st_size
         if end != size:
-            raise ValueError(f"{index}: index is stale: its records end at byte {end} but "
-                             f"{data} has {size} bytes; run `bertforge index {data}`")
+            what = ("is empty" if not len(entries) else "is stale" if end > size else
+                    "is short")
+            raise ValueError(f"{index}: index {what}: its {len(entries)} records end at byte "
+                             f"{end} but {data} has {size} bytes; re-run `bertforge index "
+                             f"{data}` to rewrite the index from the shard")
     return entries
 
 
@@ -215,25 +271,26 @@ def _contiguous(entries: np.ndarray) -> bool:
             and bool((offsets[1:] == offsets[:-1] + lengths[:-1]).all()))
 
 
-def _find_bad_line(index: Path, raw: bytes) -> None:
+def _find_bad_line(index: Path, data: Path, raw: bytes) -> None:
     expected = 0
     for number, line in enumerate(raw.splitlines(), 1):
         fields = line.split()
         if len(fields) != 2 or not all(f.isdigit() for f in fields):
-            raise _index_error(index, number, f"expected 'offset length', got {line[:60]!r}")
+            raise _index_error(index, data, number, f"expected 'offset length', got {line[:60]!r}")
         offset, length = int(fields[0]), int(fields[1])
         if offset != expected:
-            raise _index_error(index, number, f"offset {offset} does not follow the previous "
-                                              f"record (expected {expected})")
+            raise _index_error(index, data, number, f"offset {offset} does not follow the "
+                                                    f"previous record (expected {expected})")
         if length < FRAME_OVERHEAD:
-            raise _index_error(index, number, f"record length {length} is below the "
-                                              f"{FRAME_OVERHEAD}-byte framing")
+            raise _index_error(index, data, number, f"record length {length} is below the "
+                                                    f"{FRAME_OVERHEAD}-byte framing")
         expected = offset + length
 
 
 # ---------------------------------------------------------------- `bertforge index`
 def write_index(path: str | Path) -> int:
-    """Scan TFRecord `path` (checking framing and CRCs), write `path.index`; return records."""
+    """Scan TFRecord `path` (checking framing and CRCs), write its index (`index_path`, and
+    remove one under the old name); return the number of records."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such TFRecord file")
@@ -242,12 +299,18 @@ def write_index(path: str | Path) -> int:
         for offset, framed_length, _ in _scan(path):
             out.write(f"{offset} {framed_length}\n")
             count += 1
+    _remove_old_index(path)
     return count
 
 
 def index_is_current(path: str | Path) -> bool:
-    """True if `path.index` is newer than `path` and its last entry ends at the file's end."""
-    path, index = Path(path), index_path(path)
+    """True if the one index of `path` is newer than it and its last entry ends at the file's
+    end; False also when indexes under both names exist (re-indexing settles which)."""
+    path = Path(path)
+    present = [p for p in dict.fromkeys((index_path(path), old_index_path(path))) if p.is_file()]
+    if len(present) != 1:
+        return False
+    index = present[0]
     try:
         data_stat, index_stat = path.stat(), index.stat()
     except FileNotFoundError:
@@ -272,7 +335,7 @@ def _index_one(path: str) -> tuple[str, int | None]:
 
 
 def index_files(files: list[Path], workers: int | None = None) -> Summary:
-    """`bertforge index FILES...`: write each file's .index, in parallel over files."""
+    """`bertforge index FILES...`: write each file's index, in parallel over files."""
     summary = Summary("index")
     summary.counts.update(files=0, records=0)
     # `bertforge index shards/*` also matches the indexes themselves: counted, not read
