@@ -23,7 +23,7 @@ from bertforge.data.instances import (InstanceConfig, create_instances, tokenize
 from bertforge.data.shards import encode_example_batch
 from bertforge.data.stage import Summary
 from bertforge.data.text_tasks import plan_tasks, read_piece
-from bertforge.data.tfrecord import iter_records
+from bertforge.data.tfrecord import index_path, iter_records
 
 SEQ, MASKS = 128, 20
 
@@ -126,10 +126,10 @@ def test_shards_read_by_the_tfrecord_package(sample_run):
     path = _shards(out)[0]
     ours = [decode_example(r) for r in iter_records(path)]
     # shard=(i, n): a contiguous slice of the records, located through our .index
-    last = list(tfrecord_loader(str(path), f"{path}.index", shard=(49, 50)))
+    last = list(tfrecord_loader(str(path), str(index_path(path)), shard=(49, 50)))
     assert len(last) == len(ours) - len(ours) * 49 // 50
     np.testing.assert_array_equal(last[-1]["input_ids"], ours[-1]["input_ids"])
-    theirs = list(itertools.islice(tfrecord_loader(str(path), f"{path}.index", shard=(0, 1)),
+    theirs = list(itertools.islice(tfrecord_loader(str(path), str(index_path(path)), shard=(0, 1)),
                                    500))
     assert len(theirs) == 500
     lengths = {"input_ids": SEQ, "input_mask": SEQ, "segment_ids": SEQ,
@@ -183,8 +183,8 @@ def test_seed_rerun_and_skip(preprocessed_sample, tokenizer, tmp_path):
     redone = _run(inputs, tmp_path / "a", tokenizer, num_shards=2)
     assert "already complete" not in redone.line()
     assert sorted(_contents(tmp_path / "a")) == [
-        "part-00000-of-00002.tfrecord", "part-00000-of-00002.tfrecord.index",
-        "part-00001-of-00002.tfrecord", "part-00001-of-00002.tfrecord.index"]
+        "part-00000-of-00002.index", "part-00000-of-00002.tfrecord",
+        "part-00001-of-00002.index", "part-00001-of-00002.tfrecord"]
 
 
 def test_bad_input_is_counted_not_fatal(tokenizer, tmp_path):

@@ -24,7 +24,7 @@ from bertforge.data.packing import (full_strategies, pack_histogram, pack_length
                                     strategy_lengths)
 from bertforge.data.shards import encode_example_batch
 from bertforge.data.shuffle import shuffle_files
-from bertforge.data.tfrecord import RecordWriter, iter_records, read_index
+from bertforge.data.tfrecord import RecordWriter, index_path, iter_records, read_index
 from lengths import wikipedia_like_histogram  # benchmarks/lengths.py (conftest puts it on the path)
 
 
@@ -213,7 +213,7 @@ def test_pack_real_sample_several_inputs_and_shards_workers_independent(real_sha
                              workers=workers)
         assert not (out / SPILL_DIR).exists()
         files = sorted(out.glob("packed-*.tfrecord"))
-        runs[workers] = {f.name: (f.read_bytes(), Path(f"{f}.index").read_bytes()) for f in files}
+        runs[workers] = {f.name: (f.read_bytes(), index_path(f).read_bytes()) for f in files}
     n = summary.counts["sequences in"]
     assert n == summary.counts["sequences out"] > 4000
     assert len(files) == summary.counts["shards"] == -(-summary.counts["packs"] // 1500) > 2

@@ -45,9 +45,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import json
 import os
 import random
-import re
 import shutil
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -57,11 +57,14 @@ from pathlib import Path
 import numpy as np
 
 from bertforge.config.data import InstanceConfig  # the parameters, validated there
+from bertforge.data import stage
 from bertforge.data.fast_wordpiece import SentenceEncoder
 from bertforge.data.shards import (ShardSpill, encode_example_batch, write_shard,
                                    write_shard_from_spill)
-from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
+from bertforge.data.stage import Summary, default_workers
 from bertforge.data.text_tasks import Piece, find_input_files, plan_tasks, read_task
+from bertforge.data.tfrecord import index_path
+from bertforge.files import atomic_output
 from bertforge.progress import progress
 
 TASK_BYTES = 1 << 20          # text per task: the random-document pool and the unit of work
@@ -74,7 +77,9 @@ BATCH_INSTANCES = 8192        # rows per vectorised batch: ~20 MB of temporaries
 # sample at seq 128; used only to pick the default number of shards.
 RECORD_BYTES_PER_TEXT_BYTE = 1.8
 OUTPUT_FORMAT = 1  # bump when the same parameters would give other records (re-runs redo)
-_SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.tfrecord(\.index)?")
+# This stage's shards and indexes, of any run and shard count (all removed before a run)
+OUTPUTS = r"part-\d{5,}-of-\d{5,}\.(tfrecord|index|tfrecord\.index)"
+VOCAB_COPY = ".bertforge-vocab.txt"  # the vocab the shards' ids index; a dot file: not an input
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -328,7 +333,9 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
              num_shards: int | None = None, workers: int | None = None) -> Summary:
     """Text files/directories -> `output_dir/part-XXXXX-of-YYYYY.tfrecord` (+ .index) shards
     of shuffled pre-training instances; skipped when already complete with the same inputs,
-    config, tokenizer and shard count. Output is identical for any number of workers."""
+    config, tokenizer and shard count. Output is identical for any number of workers.
+    The manifest (data/stage.py) records S, M, each shard's records and the tokenizer: vocab
+    sha256 and size, lower-casing, and a copy of its vocab.txt beside the shards (VOCAB_COPY)."""
     output_dir = Path(output_dir)
     files = find_input_files(inputs, output_dir)
     stats = [f.stat() for f in files]
@@ -337,14 +344,14 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
         num_shards = default_num_shards(text_bytes, config)
     elif num_shards < 1:
         raise ValueError(f"--num-shards {num_shards} must be >= 1")
-    params = {"inputs": [[str(f.resolve()), st.st_size, st.st_mtime_ns]
-                         for f, st in zip(files, stats)],
-              "config": asdict(config), "num_shards": num_shards, "task_bytes": TASK_BYTES,
+    _refuse_raw_extracted(files)
+    params = {"config": asdict(config), "num_shards": num_shards, "task_bytes": TASK_BYTES,
               "max_document_bytes": MAX_DOCUMENT_BYTES, "format": OUTPUT_FORMAT,
               "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
-    done = is_complete(output_dir, "tokenize", params)
-    if done is not None:
-        return done
+    run = stage.begin(output_dir, "tokenize", params, files, outputs=OUTPUTS,
+                      scratch=[VOCAB_COPY, *(p.name for p in output_dir.glob(".tokenize-spill-*"))])
+    if run.done is not None:
+        return run.done
 
     summary = Summary("tokenize")
     summary.counts.update(dict.fromkeys(("documents in", "sentences", "tokens", "instances out",
@@ -362,8 +369,6 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
         workers = min(default_workers(), len(tasks) // TASKS_PER_WORKER)
     workers = max(1, min(workers, len(tasks)))
     paths = [output_dir / shard_name(i, num_shards) for i in range(num_shards)]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_outputs(output_dir, {p.name for p in paths})
     spill = ShardSpill(output_dir / f".tokenize-spill-{os.getpid()}", num_shards, SPILL_BYTES)
     try:
         with contextlib.ExitStack() as stack:
@@ -388,19 +393,53 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
             if pool is not None and num_shards > 1:
                 spill.flush()
                 jobs = [(str(spill.path(i)), str(p), config.seed, i) for i, p in enumerate(paths)]
-                for _ in pool.imap_unordered(write_shard_from_spill, jobs):
+                counts = []
+                for count in pool.imap(write_shard_from_spill, jobs):
+                    counts.append(count)
                     bar.update(1)
             else:
+                counts = []
                 for i, path in enumerate(paths):
-                    write_shard(path, spill.records(i), config.seed, i)
+                    counts.append(write_shard(path, spill.records(i), config.seed, i))
                     bar.update(1)
             bar.close()
     finally:
         shutil.rmtree(spill.directory, ignore_errors=True)
     summary.counts["shards"] = num_shards
-    outputs = paths + [Path(f"{p}.index") for p in paths]
-    mark_complete(output_dir, "tokenize", params, outputs, summary)
+    outputs: dict[Path, int | None] = {}
+    for path, count in zip(paths, counts):
+        outputs[path] = count
+        outputs[index_path(path)] = None
+    vocab = _copy_vocab(tokenizer, output_dir / VOCAB_COPY)
+    outputs[output_dir / VOCAB_COPY] = None
+    run.finish(outputs, summary, {
+        "packed": False, "sequence_length": config.sequence_length,
+        "mask_tokens": config.mask_tokens, "mask_slots": config.mask_tokens,
+        "max_sequences_per_pack": 1, "packing_factor": 1.0, "tokenizer": vocab})
     return summary
+
+
+def _copy_vocab(tokenizer, path: Path) -> dict:
+    """Write the tokenizer's vocab (one token a line, in id order: the vocab.txt format)
+    beside the shards; return the manifest's tokenizer fields."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    text = "".join(f"{token}\n" for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+    data = text.encode("utf-8")
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
+    return {"vocab_sha256": hashlib.sha256(data).hexdigest(), "vocab_size": len(vocab),
+            "lower_case": bool(normalizer.get("lowercase", False)), "vocab_file": path.name}
+
+
+def _refuse_raw_extracted(files: list[Path]) -> None:
+    """Raw WikiExtractor files would be read as text, `<doc ...>` markup and titles included."""
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(5)
+        if head in (b"<doc ", b"<doc>"):
+            raise ValueError(f"{path} is raw WikiExtractor output (it starts with a <doc> tag); "
+                             "run `bertforge wiki preprocess` on it first and tokenize its output")
 
 
 def _spill_task_output(spill: ShardSpill, per_shard: np.ndarray, sizes: np.ndarray,
@@ -412,13 +451,3 @@ def _spill_task_output(spill: ShardSpill, per_shard: np.ndarray, sizes: np.ndarr
         first, last = int(record_ends[shard] - per_shard[shard]), int(record_ends[shard])
         byte_first = int(byte_ends[shard - 1]) if shard else 0
         spill.add(shard, sizes[first:last], data[byte_first:int(byte_ends[shard])])
-
-
-def _remove_stale_outputs(output_dir: Path, keep: set[str]) -> None:
-    """Delete shards of an earlier run with other parameters, so that a reader globbing
-    part-*.tfrecord never mixes two runs, and spill files a killed run left behind."""
-    for path in output_dir.iterdir():
-        if _SHARD_NAME.fullmatch(path.name) and path.name.removesuffix(".index") not in keep:
-            path.unlink()
-        elif path.name.startswith(".tokenize-spill-") and path.is_dir():
-            shutil.rmtree(path)

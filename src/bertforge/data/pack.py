@@ -37,7 +37,9 @@ input_ids, sequence_ids (0 padding, k = k-th sequence), segment_ids, position_id
 0 per sequence) [S]; masked_lm_positions, masked_lm_ids, masked_lm_sequence [M'];
 next_sentence_labels, next_sentence_mask, cls_positions [P]. Sequence k's [CLS] is the first
 token of its span (unlike the reference packer: `rows.from_reference_layout` reads that layout).
-`.bertforge-packing.json` in the output directory records the plan (packing factor, efficiency).
+`.bertforge-packing.json` in the output directory records the plan (packing factor, efficiency);
+the stage's manifest (data/stage.py) records it too, with each shard's packs and sequences and
+the tokenizer carried over from the input folder's manifest, for `stage.describe`.
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ from bertforge.data.example import decode_examples
 from bertforge.data.loader import expand_files
 from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
 from bertforge.data.shards import encode_example_batch
-from bertforge.data.stage import Summary, default_workers, is_complete, mark_complete
-from bertforge.data.tfrecord import RecordWriter, iter_records
+from bertforge.data import stage
+from bertforge.data.stage import Summary, default_workers
+from bertforge.data.tfrecord import RecordWriter, index_path, iter_records
+from bertforge.files import atomic_output
 from bertforge.progress import progress
 
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
 SPILL_DIR = ".pack-spill"  # per-input-shard records sorted by length, removed at the end
+# This stage's shards and indexes, of any run and shard count (all removed before a run)
+OUTPUTS = r"packed-\d{5,}-of-\d{5,}\.(tfrecord|index|tfrecord\.index)"
 _CHUNK = 4096  # records decoded at once (bucket pass), packs laid out at once (write)
 
 
@@ -245,21 +251,26 @@ def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
     params = {"inputs": files, "sequence_length": sequence_length, "algorithm": algorithm,
               "max_sequences_per_pack": max_sequences_per_pack, "seed": seed,
               "packs_per_shard": packs_per_shard}
-    done = is_complete(output_dir, "pack", params)
-    if done is not None:
-        return done
+    run = stage.begin(output_dir, "pack", params, files, outputs=OUTPUTS,
+                      scratch=[SPILL_DIR, PLAN_FILE])
+    if run.done is not None:
+        return run.done
     spill_dir = output_dir / SPILL_DIR
-    shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
     spill_dir.mkdir(parents=True)
     try:
-        return _pack(files, output_dir, spill_dir, params, workers or default_workers())
+        return _pack(files, output_dir, spill_dir, run, workers or default_workers())
+    except BaseException:
+        stage.remove_outputs(output_dir, OUTPUTS)  # no shards of a failed run for a glob
+        raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def _pack(files: list[str], output_dir: Path, spill_dir: Path, params: dict, workers: int
-          ) -> Summary:
+def _pack(files: list[str], output_dir: Path, spill_dir: Path, run: stage.StageRun,
+          workers: int) -> Summary:
+    params = run.params
     sequence_length, seed = params["sequence_length"], params["seed"]
+    upstream, _ = stage.describe(files)  # the tokenizer and M, carried into the manifest
     ctx = get_context("fork")  # as the other stages: workers inherit the imported modules
     jobs = [(f, sequence_length, str(spill_dir), i) for i, f in enumerate(files)]
     with ctx.Pool(min(workers, len(files))) as pool:
@@ -302,8 +313,18 @@ def _pack(files: list[str], output_dir: Path, spill_dir: Path, params: dict, wor
              "mask_slots": mask_slots, "algorithm": params["algorithm"],
              "sequences": num_sequences, "packs": plan.num_packs, "efficiency": plan.efficiency,
              "packing_factor": plan.packing_factor}
-    (output_dir / PLAN_FILE).write_text(json.dumps(stats, indent=1))
-    mark_complete(output_dir, "pack", params, [*paths, output_dir / PLAN_FILE], summary)
+    with atomic_output(output_dir / PLAN_FILE) as tmp:
+        tmp.write_text(json.dumps(stats, indent=1))
+    outputs = {output_dir / PLAN_FILE: None}
+    for path, (packs, sequences) in zip(paths, results):
+        outputs[path] = {"records": packs, "sequences": sequences}
+        outputs[index_path(path)] = None
+    data = stage.carried_data(upstream)
+    data.update(packed=True, sequence_length=sequence_length, mask_slots=mask_slots,
+                max_sequences_per_pack=width, packing_factor=plan.packing_factor,
+                mask_tokens=data.get("mask_tokens", max(s[2] for s in scanned)),
+                algorithm=params["algorithm"], efficiency=plan.efficiency)
+    run.finish(outputs, summary, data)
     print(f"{plan.summary()}; {params['algorithm']} solved in {solve_time:.2f} s")
     return summary
 
