@@ -7,6 +7,7 @@ protobuf (through that package's example_pb2) is the reference for the hand-writ
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import crc32c
@@ -22,8 +23,8 @@ from bertforge.cli import main
 from bertforge.data.example import (decode_example, decode_example_reference, decode_examples,
                                     encode_example, encode_example_reference)
 from bertforge.data.tfrecord import (CorruptRecordError, RecordWriter, index_files,
-                                     index_is_current, iter_records, masked_crc32c, read_index,
-                                     write_index)
+                                     index_is_current, index_path, iter_records, masked_crc32c,
+                                     read_index, write_index)
 
 EDGE_INTS = [0, 1, 127, 128, 255, 16383, 16384, 2**16 - 1, 2**16, 2**31, 2**62, 2**63 - 1,
              -1, -128, -(2**31), -(2**63)]
@@ -317,3 +318,69 @@ def test_index_command_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(paths[1]) in err and "byte offset" in err and "Traceback" not in err
     assert main(["index", str(tmp_path / "missing.tfrecord")]) == 2
+
+
+# ---------------------------------------------------------------- index names
+def test_reference_named_index_is_read_and_is_the_name_written(tmp_path):
+    # A shard as the reference makes it: the tfrecord package writes it, and its index goes
+    # where the reference's loader looks, filename.replace(".tfrecord", ".index").
+    theirs = tmp_path / "wiki_000.tfrecord"
+    writer = TFRecordWriter(str(theirs))
+    for i in range(7):
+        writer.write({"id": ([i], "int"), "input_ids": (list(range(i, i + 5)), "int")})
+    writer.close()
+    create_index(str(theirs), str(theirs).replace(".tfrecord", ".index"))
+    assert len(read_index(theirs)) == 7 and index_is_current(theirs)
+    assert index_files([theirs], workers=1).line() == (
+        "index: 0 files, 0 records; skipped: 1 already-indexed")
+    # ours gets the same name, so the reference's loader takes it without re-indexing
+    ours = tmp_path / "ours.tfrecord"
+    write_shard(ours, 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ours.index", "ours.tfrecord", "wiki_000.index", "wiki_000.tfrecord"]
+    second_half = tfrecord_loader(str(ours), str(ours).replace(".tfrecord", ".index"), shard=(1, 2))
+    assert [int(r["id"][0]) for r in second_half] == [4, 5, 6, 7, 8]
+    # a shard not named *.tfrecord: NAME.index, as before
+    write_shard(tmp_path / "part-7", 2)
+    assert (tmp_path / "part-7.index").exists() and len(read_index(tmp_path / "part-7")) == 2
+
+
+def test_old_index_name_is_read_and_a_disagreeing_pair_is_an_error(tmp_path, capsys):
+    path = tmp_path / "shard.tfrecord"
+    write_shard(path, 5)
+    new, old = tmp_path / "shard.index", tmp_path / "shard.tfrecord.index"
+    new.rename(old)  # as bertforge wrote it before: existing user data
+    assert len(read_index(path)) == 5 and index_is_current(path)
+    new.write_bytes(old.read_bytes())  # both, equal: fine
+    assert len(read_index(path)) == 5
+    old.write_text("".join(old.read_text().splitlines(True)[:3]))  # both, different
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} has two different indexes, "
+                                         f"{re.escape(str(new))} and {re.escape(str(old))}.*"
+                                         "bertforge index"):
+        read_index(path)
+    assert not index_is_current(path)
+    assert main(["index", str(path)]) == 0  # the fix the message gives
+    assert "1 files, 5 records" in capsys.readouterr().out
+    assert new.exists() and not old.exists() and len(read_index(path)) == 5
+    # rewriting a shard drops an index under the old name: it described the file replaced
+    new.rename(old)
+    write_shard(path, 3)
+    assert not old.exists() and len(read_index(path)) == 3
+
+
+def test_empty_or_short_index_beside_a_full_shard_is_an_error(tmp_path):
+    path = tmp_path / "shard.tfrecord"
+    write_shard(path, 6)
+    index = index_path(path)
+    lines = index.read_text().splitlines(True)
+    size = path.stat().st_size
+    for kept, what in ((0, "empty"), (5, "short")):
+        index.write_text("".join(lines[:kept]))
+        with pytest.raises(ValueError, match=f"{re.escape(str(index))}: index is {what}: its "
+                                             f"{kept} records end at byte .* but "
+                                             f"{re.escape(str(path))} has {size} bytes; re-run "
+                                             f"`bertforge index {re.escape(str(path))}`"):
+            read_index(path)
+    empty = tmp_path / "empty.tfrecord"  # an empty shard with an empty index is fine
+    write_shard(empty, 0)
+    assert read_index(empty).shape == (0, 2)
