@@ -402,3 +402,11 @@ def test_batch_encoder_matches_encode_example():
                                   {k: v[i] for k, v in floats.items()})
         assert data[start:end] == expected, i
     assert ends[-1] == len(data)
+
+
+def test_raw_wikiextractor_files_are_refused(tokenizer, tmp_path):
+    raw = tmp_path / "AA" / "wiki_00"
+    raw.parent.mkdir()
+    raw.write_text('<doc id="1" url="u" title="Cat">\nCat\nThe cat sat on the mat.\n</doc>\n')
+    with pytest.raises(ValueError, match="raw WikiExtractor output.*bertforge wiki preprocess"):
+        _run([tmp_path], tmp_path / "out", tokenizer)

@@ -7,9 +7,13 @@ import hashlib
 import json
 import random
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -339,3 +343,58 @@ def test_cli_errors_and_summary_line(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (
         "wiki preprocess: 1 files, 1 documents in, 1 documents out, 2 sentences out, "
         "0 one-sentence documents (kept); skipped: none")
+
+
+# ---------------------------------------------------------------- entities, orphans
+def test_preprocess_unescapes_html_entities(tmp_path):
+    src = tmp_path / "extracted" / "AA"
+    src.mkdir(parents=True)
+    (src / "wiki_00").write_text('<doc id="1" url="u" title="AT&amp;T">\nAT&amp;T\n'
+                                 "AT&amp;T sold &quot;phones&quot; for &lt;10 &#36; in 1990.\n"
+                                 "</doc>\n")
+    preprocess(tmp_path / "extracted", tmp_path / "out", workers=1)
+    assert (tmp_path / "out" / "AA" / "wiki_00.txt").read_text() == \
+        'AT&T sold "phones" for <10 $ in 1990.\n\n'
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_killed_extract_leaves_no_wikiextractor_running(wiki_sample, tmp_path):
+    code = ("import sys; from bertforge.data.wiki import extract; "
+            "extract(sys.argv[1], sys.argv[2], workers=2)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(wiki_sample), str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(seen) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        seen |= _descendants(proc.pid)  # WikiExtractor and its worker processes
+        time.sleep(0.02)
+    assert len(seen) >= 3, "WikiExtractor finished before the test could stop it"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert [pid for pid in seen if _running(pid)] == []
+    assert not (tmp_path / "out" / ".bertforge-extract.json").exists()
