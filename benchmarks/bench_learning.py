@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import transformers
 
+from bertforge.data.tfrecord import find_index
 from bertforge.model.bert import bert_config
 
 LABELS = {"bertforge": "bertforge", "hf_loop": "plain HF loop",
@@ -63,8 +64,8 @@ def read_records(files: list[Path]) -> dict[str, torch.Tensor]:
     from tfrecord.reader import tfrecord_loader
     columns: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
     for path in files:
-        index = str(path) + ".index"
-        for record in tfrecord_loader(str(path), index if Path(index).exists() else None,
+        index = find_index(path)  # X.index (the reference's name) or X.tfrecord.index
+        for record in tfrecord_loader(str(path), str(index) if index else None,
                                       {k: ("float" if k == "masked_lm_weights" else "int")
                                        for k in FEATURES}):
             for key in FEATURES:

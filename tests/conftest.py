@@ -55,6 +55,7 @@ TIERS = {
     "test_serve_engine": "unit", "test_serve_export": "unit serve",
     "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e learning", "test_package": "e2e",
     "test_pretrain": "e2e", "test_run_safety": "e2e", "test_squad_finetune": "e2e",
+    "test_data_contract": "e2e",
     "test_squad_real": "e2e learning",
     "test_serve": "e2e serve", "test_serve_triton_repo": "e2e serve",
     # Single tests that run a whole command inside a unit module.

@@ -317,6 +317,17 @@ def record_kind(path: str | Path) -> str:
     raise ValueError(f"{path}: holds no records")
 
 
+def record_shape(path: str | Path) -> tuple[int, int]:
+    """(tokens per record, prediction slots per record) from the first record of a shard: what
+    shards without a manifest (Google's, the reference's) say about themselves."""
+    for record in iter_records(path):
+        arrays = decode_examples([record])
+        prefix = "packed_" if "packed_input_ids" in arrays else ""  # the reference packer's
+        return (arrays[prefix + "input_ids"].shape[1],
+                arrays[prefix + "masked_lm_ids"].shape[1])
+    raise ValueError(f"{path}: holds no records")
+
+
 def check_inputs(files, packed: bool) -> None:
     """Refuse mixed packed and unpacked inputs, or a kind that does not match --packed-data."""
     kinds = {str(f): record_kind(f) for f in expand_files(files)}

@@ -53,6 +53,16 @@ def load_tokenizer(vocab_file: Path | None = None, name_or_path: str | None = No
     return tokenizer
 
 
+def vocab_sha256(path: Path) -> str:
+    """sha256 of a vocab.txt as the tokenize manifest records it (tokens in id order, one per
+    line), so a vocab file and a data set can be compared."""
+    import hashlib
+
+    vocab = read_vocab(path)
+    text = "".join(f"{token}\n" for token in sorted(vocab, key=vocab.__getitem__))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_vocab(path: Path) -> dict[str, int]:
     """A BERT vocab.txt (one token per line, id = line number) as {token: id}."""
     path = Path(path)

@@ -161,6 +161,7 @@ class PretrainTask(Task):
         sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
         for batch in eval_batches(d.eval_files, micro_batch_size=self.cfg.train.micro_batch_size,
                                   rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                                  vocab_size=engine.model.config.vocab_size,
                                   packed=d.packed_data):
             with engine.precision.autocast():
                 out = engine.model(batch, mlm_normalizer=1.0, nsp_normalizer=1.0)
@@ -204,11 +205,83 @@ def data_packing_factor(data) -> float:
     return factor
 
 
+def data_tokenizer(cfg: PretrainConfig) -> str | None:
+    """Check the run's settings against what its shards say they hold; return the vocab file
+    the shards were made with when the checkpoints must carry it instead of the default.
+
+    The shards' manifest (data/stage.py: describe) gives sequence length, mask tokens and the
+    tokenizer; shards without one (Google's, the reference's) are described from their first
+    record, and the log says so. A setting that contradicts the data is refused, naming both
+    values and the flag: training 64-token shards under a 512 preset, or a 30,522-entry model
+    on shards of an 8,000-word vocab, would otherwise run and ship a mismatched checkpoint.
+    """
+    d = cfg.data
+    if d.synthetic_data or d.dataset != "pretraining" or not d.input_files:
+        return None
+    from bertforge.data.loader import expand_files, record_shape
+    from bertforge.data.stage import describe
+    for files in (d.input_files, d.eval_files):
+        if not files:
+            continue
+        described, why_not = describe(files)
+        first = expand_files(files)[0]
+        if described is None:
+            log.warning("%s: described from its records instead", why_not)
+            length, slots = record_shape(first)
+            described = {"sequence_length": length, "tokenizer": None,
+                         "mask_tokens": None if d.packed_data else slots}
+        if described["sequence_length"] != d.sequence_length:
+            raise ValueError(f"--sequence-length {d.sequence_length} "
+                             f"contradicts the data: {first} holds "
+                             f"{described['sequence_length']}-token records; give "
+                             f"--sequence-length {described['sequence_length']}, or shards "
+                             f"made at {d.sequence_length}")
+        mask = described.get("mask_tokens")
+        if mask is not None and mask != d.mask_tokens:
+            raise ValueError(f"--mask-tokens {d.mask_tokens} (preset {cfg.config} or the "
+                             f"flag) contradicts the data: {first} was made with {mask} masked-LM predictions per "
+                             f"sequence; give --mask-tokens {mask}")
+        if files is d.input_files:
+            tokenizer = described.get("tokenizer")
+    if not tokenizer:
+        return None
+    return _check_vocab(cfg, tokenizer)
+
+
+def _check_vocab(cfg: PretrainConfig, data_vocab: dict) -> str | None:
+    """The shards' vocab against --tokenizer and --vocab-size (module: data_tokenizer)."""
+    from bertforge.data.vocab import default_vocab_file, vocab_sha256
+    d, m = cfg.data, cfg.model
+    given = Path(d.tokenizer) if d.tokenizer else default_vocab_file()
+    if d.tokenizer and not given.is_file():
+        log.warning("--tokenizer %s is not a vocab file: not compared with the shards' vocab "
+                    "%s", d.tokenizer, data_vocab["vocab_file"])
+        return None
+    result = None
+    if vocab_sha256(given) != data_vocab["vocab_sha256"]:
+        if d.tokenizer:
+            raise ValueError(f"--tokenizer {d.tokenizer} is not the vocab the shards were made "
+                             f"with ({data_vocab['vocab_file']}); drop --tokenizer to use the "
+                             "shards' own")
+        log.info("tokenizer: the shards' vocab %s (%d tokens), saved with every checkpoint",
+                 data_vocab["vocab_file"], data_vocab["vocab_size"])
+        result = data_vocab["vocab_file"]
+    if cfg.checkpoint.checkpoint_input_dir is None and m.vocab_size != data_vocab["vocab_size"]:
+        raise ValueError(f"--vocab-size {m.vocab_size} (preset {cfg.config} or the flag) "
+                         f"contradicts the data: its vocab {data_vocab['vocab_file']} has "
+                         f"{data_vocab['vocab_size']} tokens; give --vocab-size "
+                         f"{data_vocab['vocab_size']}")
+    return result
+
+
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Resolve `cfg` for this process group and train; the entry point of `bertforge pretrain`."""
     ctx = init_distributed(cfg.train.device)
     try:
+        vocab = data_tokenizer(cfg)
         cfg = cfg.resolve(ctx.world_size, data_packing_factor(cfg.data))
+        if vocab is not None:  # the checkpoints carry the vocab the data was made with
+            cfg.data.tokenizer = vocab
         engine = Engine(cfg, ctx, PretrainTask(cfg))
         if cfg.train.compile_only:
             return engine.compile_only()

@@ -61,7 +61,7 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
     from bertforge.data.loader import PretrainingDataset, make_dataloader
     dataset = PretrainingDataset(data.input_files, micro_batch_size, shuffle=data.shuffle,
                                  seed=seed, rank=rank, world_size=world_size,
-                                 start_batch=start_batch)
+                                 start_batch=start_batch, vocab_size=vocab_size)
     loader = make_dataloader(dataset, data.dataloader_workers)
     if data.packed_data:  # the reference packer's layout is converted on the fly
         from bertforge.data.loader import packed_batch
@@ -70,11 +70,13 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
 
 
 def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_size: int,
-                 device: torch.device, packed: bool = False) -> Iterator[dict]:
-    """One pass over held-out records, this rank's share, in file order."""
+                 device: torch.device, vocab_size: int, packed: bool = False
+                 ) -> Iterator[dict]:
+    """One pass over held-out records, this rank's share, in file order (ids checked
+    against the model's `vocab_size`)."""
     from bertforge.data.loader import PretrainingDataset, make_dataloader
     dataset = PretrainingDataset(files, micro_batch_size, shuffle=False, rank=rank,
-                                 world_size=world_size, infinite=False)
+                                 world_size=world_size, infinite=False, vocab_size=vocab_size)
     if packed:
         from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in make_dataloader(dataset, 0))
