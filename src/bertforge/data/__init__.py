@@ -13,5 +13,6 @@
     pack.py          `bertforge pack`: packed shards in bounded memory
     shuffle.py       `bertforge shuffle`: a global shuffle in bounded memory
     sample.py        the real Wikipedia sample the demo and tests use
-    stage.py         the stages' habits: skip-if-complete manifests, counted skips, workers
+    stage.py         the stages' habits: self-describing manifests (stage.describe),
+                     skip-if-complete, counted skips, workers
 """
