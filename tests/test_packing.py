@@ -182,6 +182,18 @@ def test_pack_stage_keeps_every_sequence(tmp_path, capsys):
     assert not (out / SPILL_DIR).exists() and not (tmp_path / "cli" / SPILL_DIR).exists()
 
 
+def test_pack_takes_the_sequence_length_from_its_inputs(tmp_path):
+    """No --sequence-length: the inputs' own (here shards without a manifest: their records);
+    the packed shards' manifest then says what they hold."""
+    from bertforge.data.stage import describe
+    (tmp_path / "in").mkdir()
+    _write_unpacked(tmp_path / "in" / "part-0.tfrecord", 40, seed=0)
+    assert main(["pack", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
+                 "--workers", "1"]) == 0
+    described, _ = describe(tmp_path / "out")
+    assert described["packed"] and described["sequence_length"] == 64
+
+
 def test_pack_errors_name_the_file_and_leave_no_spill(tmp_path):
     (tmp_path / "in").mkdir()
     _write_unpacked(tmp_path / "in" / "part-0.tfrecord", 20, seed=0)

@@ -193,8 +193,9 @@ class PackFilesSection(Section):
 class PackingSection(Section):
     """How sequences are packed into rows."""
 
-    sequence_length: int | None = opt(None, "S of the input records and of the packed rows",
-                                      ge=5, required=True)
+    sequence_length: int | None = opt(None, "S of the input records and of the packed rows "
+                                      "(default: the inputs' own, from their manifest or "
+                                      "first record)", ge=5)
     max_sequences_per_pack: int = opt(3, "most sequences in one row", ge=1)
     algorithm: Literal["nnlshp", "spfhp"] = opt("nnlshp", "'nnlshp': optimal mix of strategies "
                                                 "(at most 3 a row); 'spfhp': first fit, any "

@@ -54,7 +54,7 @@ import numpy as np
 
 from bertforge import rows
 from bertforge.data.example import decode_examples
-from bertforge.data.loader import expand_files
+from bertforge.data.loader import expand_files, record_shape
 from bertforge.data.packing import PackingPlan, pack_histogram, split_plan, strategy_lengths
 from bertforge.data.shards import encode_example_batch
 from bertforge.data import stage
@@ -242,12 +242,17 @@ def _describe(spill_dir: str, origin: np.ndarray) -> str:
     return f"{_spill_paths(spill_dir, file_no)[0]}: record {record} (sorted by length)"
 
 
-def pack_files(inputs, output_dir: str | Path, *, sequence_length: int,
+def pack_files(inputs, output_dir: str | Path, *, sequence_length: int | None = None,
                max_sequences_per_pack: int = 3, algorithm: str = "nnlshp", seed: int = 12345,
                packs_per_shard: int = 65536, workers: int | None = None) -> Summary:
-    """The `bertforge pack` stage; returns its summary (see the module docstring)."""
+    """The `bertforge pack` stage; returns its summary (see the module docstring).
+    `sequence_length` None: the inputs' own (their manifest, else their first record); a
+    value that contradicts the records is refused per file in the bucket pass."""
     output_dir = Path(output_dir)
     files = [str(f) for f in expand_files(inputs)]
+    if sequence_length is None:
+        described, _ = stage.describe(files)
+        sequence_length = described["sequence_length"] if described else record_shape(files[0])[0]
     params = {"inputs": files, "sequence_length": sequence_length, "algorithm": algorithm,
               "max_sequences_per_pack": max_sequences_per_pack, "seed": seed,
               "packs_per_shard": packs_per_shard}
