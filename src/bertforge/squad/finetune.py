@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -165,8 +166,11 @@ class SquadTask(Task):
         cfg, ctx = self.cfg, engine.ctx
         if ctx.is_main:
             engine.run_dir.mkdir(parents=True, exist_ok=True)
-            if not (engine.run_dir / "tokenizer").exists():
-                write_tokenizer(engine.run_dir / "tokenizer", engine.source, cfg.data.tokenizer)
+            target = engine.run_dir / "tokenizer"
+            if target.exists() and engine.state is None:
+                shutil.rmtree(target)  # a new run in a reused folder: never an old run's vocab
+            if not target.exists():
+                write_tokenizer(target, engine.source, cfg.data.tokenizer)
         barrier(ctx)
         engine.tokenizer_dir = engine.run_dir / "tokenizer"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(engine.tokenizer_dir)

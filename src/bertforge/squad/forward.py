@@ -167,13 +167,17 @@ def predict_logits(model: torch.nn.Module, windows: Sequence[Window], *, batch_s
     ends: list[np.ndarray | None] = [None] * len(windows)
     for group in bar(batches_of_packs(packs, batch_size), desc="squad predict", unit="batch",
                      disable=None if progress else True):
-        arrays = window_rows(windows, group, pad_id=pad_id)
+        # This batch's windows only (writing rows from the whole set per batch is quadratic).
+        chosen = [k for pack in group for k in pack]
+        local = {k: i for i, k in enumerate(chosen)}
+        arrays = window_rows([windows[k] for k in chosen],
+                             [[local[k] for k in pack] for pack in group], pad_id=pad_id)
         autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
         with autocast:
             start, end = run_rows(row_model, to_device(arrays, device))
         for logits, target in ((start, starts), (end, ends)):
-            for k, values in unpack_logits(logits.float().cpu().numpy(), arrays).items():
-                target[k] = values
+            for i, values in unpack_logits(logits.float().cpu().numpy(), arrays).items():
+                target[chosen[i]] = values
     assert all(s is not None for s in starts), "a window was not predicted"
     return starts, ends
 

@@ -121,7 +121,10 @@ def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: every rank seeds alike and draws alike, so rank 0's
+        # state is every rank's; saving all devices' would hand rank k rank 0's copy of
+        # cuda:k (never advanced) and open a CUDA context on every GPU in every rank.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -132,7 +135,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved by an older version: all devices
+            cuda = cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, training_state: dict[str, Any],

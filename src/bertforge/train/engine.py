@@ -97,8 +97,9 @@ class Engine:
             self.run_dir = default_run_dir(cfg.config, recipe=task.name)
         if ctx.is_main:
             ckpt.clean_leftovers(self.run_dir)
-            if task.trains:
-                ckpt.check_run_dir(self.run_dir, Path(self.source) if self.state else None)
+        barrier(ctx)
+        if task.trains:  # on every rank (it only reads), so all of them stop, none waits
+            ckpt.check_run_dir(self.run_dir, Path(self.source) if self.state else None)
         if self.state is not None:
             self.check_resume()
         # Tokenizer files saved with every checkpoint; the task sets them (build_model, prepare).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +73,9 @@ class PretrainTask(Task):
         """HF tokenizer files for the checkpoints: the source checkpoint's, else the data's vocab."""
         target = engine.run_dir / "tokenizer"
         if target.exists():
-            return target
+            if engine.state is not None:  # resuming: the run's own
+                return target
+            shutil.rmtree(target)  # a new run in a reused folder: never an old run's vocab
         source = engine.source
         if source is not None and Path(source).is_dir():
             files = [p for p in Path(source).iterdir() if p.name in TOKENIZER_FILES]
