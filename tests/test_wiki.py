@@ -19,6 +19,7 @@ import pytest
 
 from bertforge.cli import main
 from bertforge.data.wiki import download, extract, preprocess
+from support import alive, descendants
 
 DATA = random.Random(7).randbytes(300_000)
 
@@ -357,30 +358,6 @@ def test_preprocess_unescapes_html_entities(tmp_path):
         'AT&T sold "phones" for <10 $ in 1990.\n\n'
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
 def test_killed_extract_leaves_no_wikiextractor_running(wiki_sample, tmp_path):
     code = ("import sys; from bertforge.data.wiki import extract; "
@@ -390,11 +367,11 @@ def test_killed_extract_leaves_no_wikiextractor_running(wiki_sample, tmp_path):
     seen: set[int] = set()
     deadline = time.monotonic() + 30
     while len(seen) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        seen |= _descendants(proc.pid)  # WikiExtractor and its worker processes
+        seen |= set(descendants(proc.pid))  # WikiExtractor and its worker processes
         time.sleep(0.02)
     assert len(seen) >= 3, "WikiExtractor finished before the test could stop it"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     time.sleep(0.5)
-    assert [pid for pid in seen if _running(pid)] == []
+    assert [pid for pid in seen if alive(pid)] == []
     assert not (tmp_path / "out" / ".bertforge-extract.json").exists()

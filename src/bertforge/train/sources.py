@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from bertforge.rows import as_rows
 
 
 def random_batch(batch_size: int, sequence_length: int, mask_tokens: int, vocab_size: int,
@@ -66,7 +67,8 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
     if data.packed_data:  # the reference packer's layout is converted on the fly
         from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in loader)
-    return (to_device(b, device) for b in loader)
+    # Into the row layout once here, not again in the loop's counts and the model's forward.
+    return (to_device(as_rows(b), device) for b in loader)
 
 
 def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_size: int,
@@ -80,4 +82,4 @@ def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_si
     if packed:
         from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in make_dataloader(dataset, 0))
-    return (to_device(b, device) for b in make_dataloader(dataset, 0))
+    return (to_device(as_rows(b), device) for b in make_dataloader(dataset, 0))

@@ -9,6 +9,7 @@ cadence) is the engine's, once. `Task` holds the defaults a task may keep.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from bertforge.train.engine import Engine
 
 
-class Task:
-    """Base of the recipes' tasks; subclasses implement the methods that raise."""
+class Task(ABC):
+    """Base of the recipes' tasks; subclasses implement the abstract methods."""
 
     name = "task"              # progress bar label and default run directory prefix
     trains = True              # False: the run only evaluates an existing model
@@ -32,9 +33,9 @@ class Task:
     resume_keys: tuple[tuple[str, str], ...] = (("optim", "optimizer"),)
     order_depends_on_world_size = False  # True: ranks split the data, so N ranks != M ranks
 
+    @abstractmethod
     def build_model(self, engine: Engine) -> torch.nn.Module:
         """The model, from `engine.source` (a checkpoint) when there is one."""
-        raise NotImplementedError
 
     def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module DDP wraps and the step calls (default: the model itself)."""
@@ -44,24 +45,24 @@ class Task:
         """Read what training needs; return the number of optimizer steps."""
         return engine.cfg.train.training_steps
 
+    @abstractmethod
     def step_batches(self, engine: Engine, start_step: int, consumed_batches: int
                      ) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The micro-batches of each step from `start_step` on (this rank's, on its device);
         `consumed_batches` micro-batches were consumed before (exact resume)."""
-        raise NotImplementedError
 
     def normalizers(self, micro_batches: list[dict[str, torch.Tensor]], ctx: DistContext) -> Any:
         """Whatever `loss` divides by so the step's summed losses are the global mean."""
         return None
 
+    @abstractmethod
     def loss(self, forward: torch.nn.Module, batch: dict[str, torch.Tensor], norms: Any
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backward, 1-D tensor of statistics to sum over micro-batches and ranks)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metrics(self, totals: list[float], world_size: int) -> dict[str, float]:
         """The step's metrics from the summed statistics; must include "sequences"."""
-        raise NotImplementedError
 
     def step_fields(self, metrics: dict[str, float], short: bool = False) -> dict[str, str]:
         """The task's part of the step line (label -> value); `short`: the progress bar's."""
