@@ -51,7 +51,7 @@ import random
 import shutil
 from collections import deque
 from dataclasses import asdict, dataclass
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_all_start_methods
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ from bertforge.data.stage import Summary, default_workers
 from bertforge.data.text_tasks import Piece, find_input_files, plan_tasks, read_task
 from bertforge.data.tfrecord import index_path
 from bertforge.files import atomic_output
+from bertforge.processes import worker_pool
 from bertforge.progress import progress
 
 TASK_BYTES = 1 << 20          # text per task: the random-document pool and the unit of work
@@ -375,8 +376,8 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
             pool = None
             if workers > 1:
                 methods = get_all_start_methods()
-                context = get_context("fork" if "fork" in methods else None)
-                pool = stack.enter_context(context.Pool(workers, _init_worker, (runner, True)))
+                pool = stack.enter_context(worker_pool(
+                    workers, "fork" if "fork" in methods else None, _init_worker, (runner, True)))
                 results = _ordered_results(pool, len(tasks), workers + 2)
             else:
                 _init_worker(runner)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +60,7 @@ from bertforge.data import stage
 from bertforge.data.stage import Summary, default_workers
 from bertforge.data.tfrecord import RecordWriter, index_path, iter_records
 from bertforge.files import atomic_output
+from bertforge.processes import worker_pool
 from bertforge.progress import progress
 
 PLAN_FILE = ".bertforge-packing.json"  # a dot file: directory inputs skip it
@@ -276,9 +276,9 @@ def _pack(files: list[str], output_dir: Path, spill_dir: Path, run: stage.StageR
     params = run.params
     sequence_length, seed = params["sequence_length"], params["seed"]
     upstream, _ = stage.describe(files)  # the tokenizer and M, carried into the manifest
-    ctx = get_context("fork")  # as the other stages: workers inherit the imported modules
     jobs = [(f, sequence_length, str(spill_dir), i) for i, f in enumerate(files)]
-    with ctx.Pool(min(workers, len(files))) as pool:
+    # fork, as the other stages: workers inherit the imported modules
+    with worker_pool(min(workers, len(files)), "fork") as pool:
         scanned = list(progress(pool.imap(_bucket_shard, jobs), total=len(files),
                                 desc="pack: buckets", unit="file"))
     per_file = np.stack([s[0] for s in scanned])  # [files, S+1]
@@ -303,7 +303,7 @@ def _pack(files: list[str], output_dir: Path, spill_dir: Path, run: stage.StageR
     paths = [output_dir / f"packed-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
     jobs = (_shard_job(plan, shard_counts[i], str(paths[i]), str(spill_dir), ranges[i],
                        sequence_length, mask_slots, width, seed, i) for i in range(num_shards))
-    with ctx.Pool(min(workers, num_shards)) as pool:
+    with worker_pool(min(workers, num_shards), "fork") as pool:
         results = list(progress(pool.imap(_write_packed_shard, jobs), total=num_shards,
                                 desc="pack: write", unit="shard"))
     written_packs = sum(r[0] for r in results)

@@ -9,7 +9,6 @@ copy of the records on disk while the stage runs (the spill), memory of the spil
 from __future__ import annotations
 
 import shutil
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from bertforge.data.loader import expand_files
 from bertforge.data.shards import ShardSpill, write_shard_from_spill
 from bertforge.data.stage import Summary, default_workers
 from bertforge.data.tfrecord import index_path, iter_records
+from bertforge.processes import worker_pool
 from bertforge.progress import progress
 
 SPILL_DIR = ".shuffle-spill"
@@ -61,8 +61,7 @@ def shuffle_files(inputs, output_dir: str | Path, *, seed: int = 12345,
             total += _spread(spill, batch, rng)
         spill.flush()
         jobs = [(str(spill.path(i)), str(paths[i]), seed, i) for i in range(num_shards)]
-        ctx = get_context("fork")
-        with ctx.Pool(min(workers or default_workers(), num_shards)) as pool:
+        with worker_pool(min(workers or default_workers(), num_shards), "fork") as pool:
             counts = list(progress(pool.imap(write_shard_from_spill, jobs), total=num_shards,
                                    desc="shuffle: write", unit="shard"))
         if sum(counts) != total:

@@ -31,7 +31,6 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from multiprocessing import get_context
 from pathlib import Path
 
 import crc32c
@@ -39,6 +38,7 @@ import numpy as np
 
 from bertforge.data.stage import Summary, default_workers
 from bertforge.files import atomic_output
+from bertforge.processes import worker_pool
 from bertforge.progress import progress
 
 _MASK_DELTA = 0xA282EAD8
@@ -351,7 +351,7 @@ def index_files(files: list[Path], workers: int | None = None) -> Summary:
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(progress(total=len(paths), desc="index", unit="file"))
         if workers > 1:
-            pool = stack.enter_context(get_context().Pool(workers))
+            pool = stack.enter_context(worker_pool(workers))
             results = pool.imap_unordered(_index_one, paths)
         else:
             results = map(_index_one, paths)

@@ -44,12 +44,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import version
-from multiprocessing import Pool
 from pathlib import Path
 
 from bertforge.data import stage
 from bertforge.data.stage import Summary, default_workers
 from bertforge.files import atomic_output
+from bertforge.processes import guarded_command, worker_pool
 from bertforge.progress import progress
 
 DEFAULT_DUMP_URL = ("https://dumps.wikimedia.org/enwiki/latest/"
@@ -251,8 +251,10 @@ def extract(dump: Path, output_dir: Path, workers: int | None = None,
     counter = threading.Thread(target=lambda: pages.update(_count_pages(dump, stop)), daemon=True)
     counter.start()
     log_path = output_dir / ".extract-log.txt"
-    cmd = [sys.executable, "-m", "wikiextractor.WikiExtractor", "--processes", str(workers),
-           "-b", bytes_per_file, "--quiet", "-o", str(staging), str(dump)]
+    # Guarded: WikiExtractor and its workers die with this process even when it is killed
+    # with SIGKILL (bertforge/processes.py).
+    cmd = guarded_command("wikiextractor.WikiExtractor", "--processes", workers,
+                          "-b", bytes_per_file, "--quiet", "-o", staging, dump)
     print(f"wiki extract: WikiExtractor on {dump} with {workers} processes", file=sys.stderr)
     with open(log_path, "wb") as log, _byte_bar(None, "extract (text written)") as bar, \
             _terminate_on_signals():
@@ -435,7 +437,7 @@ def preprocess(input_dir: Path, output_dir: Path, workers: int | None = None) ->
             results: Iterator = map(_preprocess_file, jobs)
             pool = None
         else:
-            pool = Pool(workers)
+            pool = worker_pool(workers)
             results = pool.imap(_preprocess_file, jobs, chunksize=1)
         try:
             for written, part in results:

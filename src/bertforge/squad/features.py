@@ -25,7 +25,6 @@ examples and results are concatenated in order, so any --feature-workers gives t
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bertforge.config.serve import WindowSection
+from bertforge.processes import worker_pool
 from bertforge.squad.data import SquadExample
 
 CHUNK_EXAMPLES = 2048  # per worker task: large enough that the pickling cost is small
@@ -101,7 +101,7 @@ def build_windows(examples: Sequence[SquadExample], tokenizer, spec: WindowSecti
     else:
         tasks = [(tok.to_str(), records[s:s + chunk_examples], s, spec) for s in starts]
         # spawn: the parent may hold torch/tokenizers thread pools that fork would copy broken.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with worker_pool(workers, "spawn") as pool:
             parts = pool.starmap(_chunk_windows_from_json, tasks)
     return [w for part in parts for w in part]
 
