@@ -50,7 +50,7 @@ TIERS = {
     "test_packing": "unit", "test_rows": "unit", "test_sample": "unit",
     "test_squad_features": "unit", "test_squad_metric": "unit", "test_squad_packed": "unit",
     "test_squad_postprocess": "unit", "test_stage_manifests": "unit", "test_tfrecord": "unit",
-    "test_vocab": "unit",
+    "test_vocab": "unit", "test_masking": "unit", "test_processes": "unit",
     "test_wiki": "unit",
     "test_serve_engine": "unit", "test_serve_export": "unit serve",
     "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e learning", "test_package": "e2e",

@@ -127,6 +127,11 @@ class InstanceConfig(Section):
     seed: int = opt(1984, "seed of instance building, masking and the shuffle", ge=0)
     short_seq_prob: float = opt(0.1, "chance of a document's shorter target length", ge=0, le=1)
     mlm_prob: float = opt(0.15, "share of tokens masked (at most --mask-tokens)", gt=0, le=1)
+    objective: Literal["mlm+nsp", "mlm"] = opt(
+        "mlm+nsp", "mlm+nsp: Google's sentence pairs, half with a random second segment (NSP "
+        "labels); mlm: contiguous text only, [CLS] text [SEP], for MLM-only pre-training")
+    whole_word_masking: bool = opt(False, "mask whole words (a word's ##pieces together), as "
+                                   "Google's --do_whole_word_mask")
 
     def check(self) -> None:
         if self.mask_tokens > self.sequence_length - 3:

@@ -59,6 +59,7 @@ import numpy as np
 from bertforge.config.data import InstanceConfig  # the parameters, validated there
 from bertforge.data import stage
 from bertforge.data.fast_wordpiece import SentenceEncoder
+from bertforge.data.masking import MaskRule, apply_rule, choose, continuation_table, word_keys
 from bertforge.data.shards import (ShardSpill, encode_example_batch, write_shard,
                                    write_shard_from_spill)
 from bertforge.data.stage import Summary, default_workers
@@ -109,6 +110,11 @@ def truncate_pairs(spans: np.ndarray, max_tokens: int, rng: np.random.Generator)
     spans[:, 3] -= cut_b - front_b
 
 
+def special_tokens_free(config: InstanceConfig) -> int:
+    """Text tokens an instance holds: S minus [CLS] and one [SEP] per segment."""
+    return config.sequence_length - (2 if config.objective == "mlm" else 3)
+
+
 def create_instances(doc_starts: list[int], doc_ends: list[int], offsets: list[int],
                      config: InstanceConfig, rnd: random.Random, summary: Summary) -> list[int]:
     """Google's create_instances_from_document over every document, duplication_factor times.
@@ -117,7 +123,8 @@ def create_instances(doc_starts: list[int], doc_ends: list[int], offsets: list[i
     offsets[k]:offsets[k+1] of the task's token array. Returns a flat list of five ints per
     instance: A start, A end, B start, B end (token offsets, before truncation), label.
     """
-    max_tokens = config.sequence_length - 3
+    max_tokens = special_tokens_free(config)
+    mlm_only = config.objective == "mlm"
     short_prob = config.short_seq_prob
     num_docs = len(doc_starts)
     # Uniform integers as int(random() * n): Google's Python 2 randint did the same, and
@@ -138,6 +145,10 @@ def create_instances(doc_starts: list[int], doc_ends: list[int], offsets: list[i
                 a_lo = offsets[i]
                 # chunk = sentences [i, k): the first k whose tokens reach the target
                 k = find(offsets, a_lo + target, i + 1, stop)
+                if mlm_only:  # contiguous text as one segment, no NSP pair: [CLS] text [SEP]
+                    append((a_lo, offsets[k], offsets[k], offsets[k], 0))
+                    i = k
+                    continue
                 a_end = i + 1 + int(uniform() * (k - i - 1)) if k - i >= 2 else k
                 a_hi = offsets[a_end]
                 if k - i == 1 or uniform() < 0.5:
@@ -171,6 +182,7 @@ class SpecialIds:
     sep: int
     mask: int
     vocab_size: int
+    continuation: np.ndarray | None = None  # whole-word masking: masking.continuation_table
 
 
 def build_features(spans: np.ndarray, tokens: np.ndarray, config: InstanceConfig,
@@ -184,7 +196,7 @@ def build_features(spans: np.ndarray, tokens: np.ndarray, config: InstanceConfig
     # int32 and bool throughout: [N, S] temporaries of int64 cost ~5x more (page faults)
     a_lo, a_hi, b_lo, b_hi, label = spans.astype(np.int32).T
     len_a, len_b = a_hi - a_lo, b_hi - b_lo
-    length = len_a + len_b + 3
+    length = len_a + len_b + 2 + (len_b > 0)  # a second [SEP] only after a B segment
     rows = np.arange(len(spans))
     pos = np.arange(seq, dtype=np.int32)
     la, total = len_a[:, None], length[:, None]
@@ -205,21 +217,22 @@ def build_features(spans: np.ndarray, tokens: np.ndarray, config: InstanceConfig
     # How many to predict (spec): a full-length sequence gets exactly M.
     num = np.minimum(num_masks, np.maximum(1, np.rint(length * config.mlm_prob).astype(np.int64)))
     num = np.minimum(np.maximum(num, length - seq + num_masks), len_a + len_b)
-    # A uniform random subset of `num` candidates = the `num` smallest random keys.
     keys = rng.random((len(spans), seq), dtype=np.float32)
-    keys[~candidate] = 2.0
-    lowest = np.argpartition(keys, num_masks - 1, axis=1)[:, :num_masks]
-    ranked = np.take_along_axis(lowest, np.argsort(np.take_along_axis(keys, lowest, 1), 1), 1)
-    weights = np.arange(num_masks) < num[:, None]
-    positions = np.sort(np.where(weights, ranked, seq), axis=1)
-    positions[~weights] = 0
-    labels = np.take_along_axis(input_ids, positions, 1)
-    labels[~weights] = 0
-    draw = rng.random((len(spans), num_masks))
-    random_ids = rng.integers(0, special.vocab_size, (len(spans), num_masks), dtype=np.int32)
-    replaced = np.where(draw < 0.8, special.mask, np.where(draw < 0.9, labels, random_ids))
-    # padding slots point at position 0 and write [CLS] back there
-    np.put_along_axis(input_ids, positions, np.where(weights, replaced, special.cls), 1)
+    if special.continuation is not None:  # whole words: the general rule (data/masking.py)
+        keys = word_keys(keys, candidate, special.continuation[input_ids])
+        positions, weights = choose(keys, candidate, real.astype(np.int64),
+                                    np.stack([np.zeros_like(num), num], 1), num_masks)
+    else:
+        # A uniform random subset of `num` candidates = the `num` smallest random keys
+        # (masking.choose's answer, by a partial sort: the tokenize hot path).
+        keys[~candidate] = 2.0
+        lowest = np.argpartition(keys, num_masks - 1, axis=1)[:, :num_masks]
+        ranked = np.take_along_axis(lowest, np.argsort(np.take_along_axis(keys, lowest, 1), 1), 1)
+        weights = np.arange(num_masks) < num[:, None]
+        positions = np.sort(np.where(weights, ranked, seq), axis=1)
+        positions[~weights] = 0
+    labels = apply_rule(input_ids, positions, weights,
+                        MaskRule(special.mask, special.vocab_size), rng)
     return ({"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
              "masked_lm_positions": positions, "masked_lm_ids": labels,
              "next_sentence_labels": label[:, None]},
@@ -245,8 +258,11 @@ class _TaskRunner:
             raise ValueError(f"the tokenizer's vocab has no {' '.join(missing)} token; BERT "
                              "pre-training instances need [CLS], [SEP] and [MASK]")
         self.encoder = SentenceEncoder(tokenizer)
-        self.special = SpecialIds(ids["[CLS]"], ids["[SEP]"], ids["[MASK]"],
-                                  tokenizer.get_vocab_size(with_added_tokens=True))
+        self.special = SpecialIds(
+            ids["[CLS]"], ids["[SEP]"], ids["[MASK]"],
+            tokenizer.get_vocab_size(with_added_tokens=True),
+            continuation_table(tokenizer.get_vocab(with_added_tokens=True))
+            if config.whole_word_masking else None)
 
     def run(self, index: int) -> tuple[Summary, tuple[np.ndarray, np.ndarray, bytes] | None]:
         """Task `index` -> (its counts, (records per shard, record lengths, records))."""
@@ -278,7 +294,7 @@ class _TaskRunner:
         summary.counts["instances out"] = len(spans)
         if not len(spans):
             return summary, None
-        truncate_pairs(spans, self.config.sequence_length - 3, rng)
+        truncate_pairs(spans, special_tokens_free(self.config), rng)
         shard = rng.integers(self.num_shards, size=len(spans))
         spans = spans[np.argsort(shard, kind="stable")]  # records grouped by shard
         data, sizes = [], []
@@ -416,7 +432,8 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
     run.finish(outputs, summary, {
         "packed": False, "sequence_length": config.sequence_length,
         "mask_tokens": config.mask_tokens, "mask_slots": config.mask_tokens,
-        "max_sequences_per_pack": 1, "packing_factor": 1.0, "tokenizer": vocab})
+        "max_sequences_per_pack": 1, "packing_factor": 1.0, "tokenizer": vocab,
+        "objective": config.objective, "whole_word_masking": config.whole_word_masking})
     return summary
 
 

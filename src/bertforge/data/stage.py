@@ -45,7 +45,9 @@ _MANIFEST_NAME = re.compile(r"\.bertforge-(?P<stage>[a-z]+)\.json")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")  # bertforge.files.atomic_output's names
 # Fields of `data` that must agree between shards read together (the tokenizer's too).
 _MUST_AGREE = ("packed", "sequence_length", "mask_tokens", "mask_slots",
-               "max_sequences_per_pack")
+               "max_sequences_per_pack", "objective", "whole_word_masking")
+# What manifests written before a field existed meant by its absence.
+_DATA_DEFAULTS = {"objective": "mlm+nsp", "whole_word_masking": False}
 
 
 def default_workers() -> int:
@@ -280,6 +282,9 @@ def describe(files_or_dir) -> tuple[dict[str, Any] | None, str]:
       mask_tokens             M, masked-LM predictions per sequence (the tokenize setting)
       mask_slots              prediction slots per record (M unpacked; M' packed)
       max_sequences_per_pack  sequences a record holds at most (1 unpacked)
+      objective               "mlm+nsp" (sentence pairs with NSP labels) or "mlm" (one
+                              segment of contiguous text, NSP labels 0)
+      whole_word_masking      whether the static masks cover whole words
       packing_factor          sequences per record over these files (1.0 unpacked)
       files, records          how many shard files, and records in them (from the manifests)
       sequences               pre-training sequences in them (records x packing for
@@ -308,9 +313,9 @@ def describe(files_or_dir) -> tuple[dict[str, Any] | None, str]:
         factor = manifest.get("data", {}).get("packing_factor") or 1.0
         sequences += entry.get("sequences", round(entry.get("records", 0) * factor))
     first_file, first = next(iter(found.items()))
-    data = first.get("data", {})
+    data = {**_DATA_DEFAULTS, **first.get("data", {})}
     for manifest_file, manifest in found.items():
-        other = manifest.get("data", {})
+        other = {**_DATA_DEFAULTS, **manifest.get("data", {})}
         for key in _MUST_AGREE:
             if other.get(key) != data.get(key):
                 raise ValueError(f"shards of {first_file} and {manifest_file} differ in {key} "
@@ -327,6 +332,7 @@ def describe(files_or_dir) -> tuple[dict[str, Any] | None, str]:
             "sequence_length": data.get("sequence_length"),
             "mask_tokens": data.get("mask_tokens"), "mask_slots": data.get("mask_slots"),
             "max_sequences_per_pack": data.get("max_sequences_per_pack", 1),
+            "objective": data["objective"], "whole_word_masking": data["whole_word_masking"],
             "packing_factor": sequences / records if records else 1.0,
             "files": len(files), "records": records, "sequences": sequences,
             "tokenizer": tokenizer,

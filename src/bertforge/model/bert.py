@@ -281,6 +281,16 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
     # True: the last encoder layer runs at [CLS] and the masked positions only (encode_rows);
     # False: the whole sequence through `encode` (the reference path, kept for tests).
     sparse_last_layer = True
+    # False: masked LM alone (`mlm_only`); the NSP labels are never read.
+    next_sentence_prediction = True
+
+    def mlm_only(self) -> None:
+        """Train masked LM alone (RoBERTa and later): no NSP loss, and the pooler and NSP head
+        frozen, so that they keep their weights (the checkpoint still loads as a
+        BertForPreTraining) and DDP does not wait for gradients they would never get."""
+        self.next_sentence_prediction = False
+        for module in (self.bert.pooler, self.cls.seq_relationship):
+            module.requires_grad_(False)
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence_output [B, S, H], pooled [CLS] output [B, P, H]) of any pre-training
@@ -324,10 +334,12 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         head = self.cls.predictions
         hidden = head.transform(hidden)
         mlm_sum, mlm_correct = decoder_cross_entropy(hidden, head.decoder.weight, head.decoder.bias, mlm_labels)
-        nsp_logits = self.cls.seq_relationship(pooled).reshape(-1, 2)
-        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp_logits,
-                            rows["next_sentence_labels"].reshape(-1),
-                            rows["next_sentence_mask"].reshape(-1) > 0,
+        nsp_real = rows["next_sentence_mask"].reshape(-1) > 0  # sequence slots, not labels
+        nsp = None
+        if self.next_sentence_prediction:
+            nsp = (self.cls.seq_relationship(pooled).reshape(-1, 2),
+                   rows["next_sentence_labels"].reshape(-1))
+        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp, nsp_real,
                             (rows["sequence_ids"] > 0).sum(), mlm_normalizer, nsp_normalizer)
 
     def reference_forward(self, batch: Mapping[str, torch.Tensor], *,
@@ -356,26 +368,35 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         mlm_labels = labels.reshape(-1)[keep]
         mlm_sum = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum")
         mlm_correct = (mlm_logits.argmax(-1) == mlm_labels).sum()
-        nsp_labels = batch["next_sentence_labels"].reshape(-1)
-        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), out.seq_relationship_logits,
-                            nsp_labels, torch.ones_like(nsp_labels, dtype=torch.bool),
+        nsp = None
+        if self.next_sentence_prediction:
+            nsp = (out.seq_relationship_logits, batch["next_sentence_labels"].reshape(-1))
+        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp,
+                            torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device),
                             batch["input_mask"].sum(), mlm_normalizer, nsp_normalizer)
 
     @staticmethod
-    def _losses(mlm_sum, mlm_correct, num_masked, nsp_logits, nsp_labels, nsp_real, num_tokens,
+    def _losses(mlm_sum, mlm_correct, num_masked, nsp, nsp_real, num_tokens,
                 mlm_normalizer, nsp_normalizer) -> PretrainingOutput:
         # Sums, then one division: the normaliser decides whether this is a batch mean or a
         # share of a larger step's mean (see module docstring). Cross-entropies run in fp32
         # under autocast, so bf16/fp16 logits do not lose the loss's precision. Empty NSP
         # slots of packed rows are weighted out rather than selected: no host sync.
-        num_masked = torch.tensor(num_masked, device=nsp_logits.device)
+        # `nsp` = (logits, labels), or None for masked LM alone (NSP loss and accuracy 0).
+        num_masked = torch.tensor(num_masked, device=mlm_sum.device)
         num_sequences = nsp_real.sum()
-        nsp_each = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="none")
-        nsp_sum = torch.where(nsp_real, nsp_each, 0.0).sum()
         mlm_loss = mlm_sum / (num_masked.clamp(min=1) if mlm_normalizer is None else mlm_normalizer)
-        nsp_loss = nsp_sum / (num_sequences.clamp(min=1) if nsp_normalizer is None else nsp_normalizer)
-        with torch.no_grad():
-            nsp_correct = ((nsp_logits.argmax(-1) == nsp_labels) & nsp_real).sum()
+        if nsp is None:
+            nsp_loss = torch.zeros((), device=mlm_sum.device)
+            nsp_correct = torch.zeros((), dtype=torch.long, device=mlm_sum.device)
+        else:
+            nsp_logits, nsp_labels = nsp
+            nsp_each = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="none")
+            nsp_sum = torch.where(nsp_real, nsp_each, 0.0).sum()
+            nsp_loss = nsp_sum / (num_sequences.clamp(min=1) if nsp_normalizer is None
+                                  else nsp_normalizer)
+            with torch.no_grad():
+                nsp_correct = ((nsp_logits.argmax(-1) == nsp_labels) & nsp_real).sum()
         return PretrainingOutput(
             loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
             mlm_acc=mlm_correct / num_masked.clamp(min=1),
