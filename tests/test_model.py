@@ -311,6 +311,44 @@ def test_sparse_last_layer_equals_the_full_encoder(attn, monkeypatch):
         torch.testing.assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_static_slots_equal_the_selected_slots(sparse, monkeypatch):
+    """The fixed-shape path for torch.compile (every slot through the decoder, unlabelled ones
+    weighted out) == selecting the labelled slots: losses, counts and gradients."""
+    torch.manual_seed(0)
+    model = build_pretraining_model(tiny_config())
+    batch = make_batch(4, seed=12, labelled=[1, 3, SLOTS, 2])  # unlabelled slots in 3 rows
+    monkeypatch.setattr(GatheredBertForPreTraining, "sparse_last_layer", sparse)
+    results = {}
+    for static in (True, False):
+        monkeypatch.setattr(GatheredBertForPreTraining, "static_slots", static)
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        out.loss.backward()
+        results[static] = (out, grads(model))
+    (fixed, fixed_grads), (selected, selected_grads) = results[True], results[False]
+    for name in ("loss", "mlm_loss", "mlm_acc", "num_masked", "num_mlm_correct"):
+        torch.testing.assert_close(getattr(fixed, name), getattr(selected, name),
+                                   atol=1e-6, rtol=1e-6)
+    for name, grad in selected_grads.items():
+        torch.testing.assert_close(fixed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_compiled_model_does_not_recompile_when_the_label_count_changes():
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_pretraining_model(tiny_config())
+    compiled = torch.compile(model)
+    compiled(make_batch(4, seed=1, labelled=[1, 2, 3, 4])).loss.backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed, labelled in ((2, [SLOTS, 1, 1, 2]), (3, [2, 2, 2, 2])):
+            out = compiled(make_batch(4, seed=seed, labelled=labelled))
+            out.loss.backward()
+            assert out.num_masked.item() == sum(labelled)
+    torch._dynamo.reset()
+
+
 def test_mlm_bias_starts_at_the_unigram_prior():
     from bertforge.model.bert import init_mlm_bias
     model = build_pretraining_model(tiny_config(vocab_size=50))

@@ -220,7 +220,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, compute_grads: bool):
+    def forward(ctx, x, weight, bias, labels, weights, compute_grads: bool):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
@@ -236,13 +236,20 @@ class _DecoderCrossEntropy(torch.autograd.Function):
                 logits = torch.addmm(b, x_chunk, w.t()).float()
                 target = logits.gather(1, y).squeeze(1)
                 peak, predicted = logits.max(1)
-                correct += (predicted == y.squeeze(1)).sum()
+                hit = predicted == y.squeeze(1)
                 exp = logits.sub_(peak.unsqueeze(1)).exp_()
                 total = exp.sum(1)
-                loss += (total.log() + peak - target).sum()
+                each = total.log() + peak - target
+                if weights is not None:  # rows weighted 0 (unlabelled slots) count for nothing
+                    weight_chunk = weights[rows]
+                    each, hit = each * weight_chunk, hit & (weight_chunk > 0)
+                loss += each.sum()
+                correct += hit.sum()
                 if compute_grads:
                     grad_logits = exp.div_(total.unsqueeze(1))          # softmax
                     grad_logits.scatter_add_(1, y, torch.full_like(target, -1.0).unsqueeze(1))
+                    if weights is not None:
+                        grad_logits.mul_(weight_chunk.unsqueeze(1))
                     grad_b += grad_logits.sum(0)
                     grad_logits = grad_logits.to(dtype)
                     grad_x[rows] = grad_logits @ w
@@ -257,18 +264,22 @@ class _DecoderCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         grad_x, grad_w, grad_b = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, grad_b * grad_loss, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, grad_b * grad_loss, None, None, None
 
 
 def decoder_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          labels: torch.Tensor, weights: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropies, number of argmax hits) of `x @ weight.T + bias` against
     `labels`: the MLM decoder + loss without materialising all logits (see the class above).
     Equals F.cross_entropy(F.linear(x, weight, bias), labels, reduction="sum") and its
-    gradients (tests/test_model.py checks both)."""
+    gradients (tests/test_model.py checks both). `weights` (one per row, 0 or 1) leaves
+    rows out of both sums: the fixed-shape path of GatheredBertForPreTraining.static_slots."""
     compute_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                  or bias.requires_grad)
-    return _DecoderCrossEntropy.apply(x, weight, bias, labels, compute_grads)
+    if weights is not None:
+        weights = weights.to(torch.float32)
+    return _DecoderCrossEntropy.apply(x, weight, bias, labels, weights, compute_grads)
 
 
 class GatheredBertForPreTraining(transformers.BertForPreTraining):
@@ -283,6 +294,12 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
     sparse_last_layer = True
     # False: masked LM alone (`mlm_only`); the NSP labels are never read.
     next_sentence_prediction = True
+    # True: every masked-LM slot goes through the decoder, unlabelled ones weighted out, so
+    # shapes never depend on the data: torch.compile makes one graph and never recompiles
+    # (selecting the labelled slots needs a nonzero whose size changes every batch; that
+    # recompiled ~9 times in 15 steps). Costs the padding slots' decoder rows (~7% of the
+    # slots with the reference's S=128/M=20 shards). None: on while compiling only.
+    static_slots: bool | None = None
 
     def mlm_only(self) -> None:
         """Train masked LM alone (RoBERTa and later): no NSP loss, and the pooler and NSP head
@@ -312,9 +329,20 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         input_ids = rows["input_ids"]
         batch_size, seq_len = input_ids.shape
         # Which slots carry a label: selecting them (a nonzero, one host sync on GPU) keeps
-        # padding slots out of the decoder.
+        # padding slots out of the decoder; with static slots they are weighted out instead.
         real = labelled_slots(rows)
-        mlm_labels = rows["masked_lm_ids"][real]
+        static = torch.compiler.is_compiling() if self.static_slots is None else self.static_slots
+        if static:
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1, *t.shape[2:])
+            num_masked, slot_weights = real.sum(), real.reshape(-1)
+        else:
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t[real]
+            slot_weights = None
+        mlm_labels = select(rows["masked_lm_ids"])
+        if not static:
+            num_masked = mlm_labels.numel()
         cls_rows = rows["cls_positions"]
         if self.sparse_last_layer:
             # The last layer only at the rows the heads read: each sequence's [CLS], then every
@@ -323,23 +351,24 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
                                   torch.cat([cls_rows, rows["masked_lm_positions"]], dim=1))
             num_cls = cls_rows.shape[1]
             pooled = self.bert.pooler.activation(self.bert.pooler.dense(at_rows[:, :num_cls]))
-            hidden = at_rows[:, num_cls:][real]
+            hidden = select(at_rows[:, num_cls:])
         else:
             sequence_output, pooled = self.encode(rows)
             row_offset = torch.arange(batch_size, device=input_ids.device).unsqueeze(1) * seq_len
-            flat_index = (rows["masked_lm_positions"] + row_offset)[real]
+            flat_index = select(rows["masked_lm_positions"] + row_offset)
             # Advanced indexing, not index_select: on CPU (torch 2.13) index_select's backward
             # (a scatter_add) took 15 ms for 320 rows of 64 against 0.1 ms for indexing's.
             hidden = sequence_output.reshape(batch_size * seq_len, -1)[flat_index]
         head = self.cls.predictions
         hidden = head.transform(hidden)
-        mlm_sum, mlm_correct = decoder_cross_entropy(hidden, head.decoder.weight, head.decoder.bias, mlm_labels)
+        mlm_sum, mlm_correct = decoder_cross_entropy(hidden, head.decoder.weight,
+                                                     head.decoder.bias, mlm_labels, slot_weights)
         nsp_real = rows["next_sentence_mask"].reshape(-1) > 0  # sequence slots, not labels
         nsp = None
         if self.next_sentence_prediction:
             nsp = (self.cls.seq_relationship(pooled).reshape(-1, 2),
                    rows["next_sentence_labels"].reshape(-1))
-        return self._losses(mlm_sum, mlm_correct, mlm_labels.numel(), nsp, nsp_real,
+        return self._losses(mlm_sum, mlm_correct, num_masked, nsp, nsp_real,
                             (rows["sequence_ids"] > 0).sum(), mlm_normalizer, nsp_normalizer)
 
     def reference_forward(self, batch: Mapping[str, torch.Tensor], *,
@@ -383,7 +412,8 @@ class GatheredBertForPreTraining(transformers.BertForPreTraining):
         # under autocast, so bf16/fp16 logits do not lose the loss's precision. Empty NSP
         # slots of packed rows are weighted out rather than selected: no host sync.
         # `nsp` = (logits, labels), or None for masked LM alone (NSP loss and accuracy 0).
-        num_masked = torch.tensor(num_masked, device=mlm_sum.device)
+        if not isinstance(num_masked, torch.Tensor):
+            num_masked = torch.tensor(num_masked, device=mlm_sum.device)
         num_sequences = nsp_real.sum()
         mlm_loss = mlm_sum / (num_masked.clamp(min=1) if mlm_normalizer is None else mlm_normalizer)
         if nsp is None:
