@@ -41,7 +41,7 @@ REFERENCE_PRESETS = [
     "demo_tiny_128", "pretrain_base_128", "pretrain_base_512", "pretrain_large_128",
     "pretrain_large_512", "unit_test", "pretrain_base_3L_128_single",
 ] + [f"pretrain_{size}_{seq}_{variant}" for size in ("base", "large") for seq in (128, 512)
-     for variant in ("pod4", "POD64", "ALS")]
+     for variant in ("pod4", "POD64", "ALS")] + ["pretrain_large_128_POD64_ALS"]
 
 REFERENCE_FLAGS = [
     "--config", "--micro-batch-size", "--gradient-accumulation", "--training-steps",
@@ -52,7 +52,8 @@ REFERENCE_FLAGS = [
     "--wandb", "--auto-loss-scaling", "--loss-scaling", "--executable-cache-dir",
     "--compile-only", "--hidden-size", "--num-hidden-layers", "--num-attention-heads",
     "--precision", "--compile", "--eval-files", "--eval-every", "--global-batch-size",
-    "--config-file",
+    "--config-file", "--recompute-checkpoint-every-layer", "--profile-dir",
+    "--wandb-param-steps", "--enable-half-first-order-momentum",
 ]
 
 
@@ -93,7 +94,7 @@ def test_every_reference_preset_exists_loads_and_resolves():
 
 
 @pytest.mark.parametrize("name,shape,seq_mask,batch,optim,lr,steps", [
-    ("demo_tiny_128", (64, 3, 8), (128, 20), 16, "AdamW", 1e-3, 150),
+    ("demo_tiny_128", (64, 3, 8), (128, 20), 16, "AdamWNoBiasCorrection", 1e-3, 150),
     ("pretrain_base_128", (768, 12, 12), (128, 20), 65536, "LAMBNoBiasCorrection", 6e-3, 7038),
     ("pretrain_base_512", (768, 12, 12), (512, 76), 16384, "LAMBNoBiasCorrection", 2.828e-3,
      2137),
@@ -103,7 +104,8 @@ def test_every_reference_preset_exists_loads_and_resolves():
     ("pretrain_base_512_pod4", (768, 12, 12), (512, 76), 16384, "LAMBNoBiasCorrection",
      2.828e-3, 2137),
     ("pretrain_large_512_POD64", (1024, 24, 16), (512, 76), 16384, "LAMB", 2.828e-3, 2137),
-    ("pretrain_base_3L_128_single", (768, 3, 12), (128, 20), 1024, "AdamW", 1e-4, 7038),
+    ("pretrain_base_3L_128_single", (768, 3, 12), (128, 20), 1024, "AdamWNoBiasCorrection", 1e-4,
+     150),
 ])
 def test_preset_numbers_match_the_reference(name, shape, seq_mask, batch, optim, lr, steps):
     cfg = load_config(name)
@@ -134,6 +136,27 @@ def test_generated_flags_keep_the_reference_names():
     options = make_parser()._option_string_actions
     missing = [f for f in REFERENCE_FLAGS if f not in options]
     assert not missing
+
+
+def test_recompute_checkpoint_every_layer_is_an_alias_of_activation_checkpointing(capsys):
+    # The reference's flag sets the field (bare, with a value, or as a preset key), shows in
+    # --help as another name, and is never consulted itself (None in the saved config).
+    assert from_flags("--recompute-checkpoint-every-layer").model.activation_checkpointing
+    assert from_flags("--recompute-checkpoint-every-layer", "yes").model.activation_checkpointing
+    off = from_flags("--recompute-checkpoint-every-layer", "false").model
+    assert (off.activation_checkpointing, off.recompute_checkpoint_every_layer) == (False, None)
+    on = load_config("unit_test", {"recompute_checkpoint_every_layer": True})
+    assert on.model.activation_checkpointing and on.model.recompute_checkpoint_every_layer is None
+    assert PretrainConfig.from_dict(json.loads(json.dumps(on.to_dict()))) == on
+    assert from_flags("--activation-checkpointing").model.activation_checkpointing
+    with pytest.raises(ValueError, match="--recompute-checkpoint-every-layer is another name for "
+                       "--activation-checkpointing and the two disagree"):
+        from_flags("--recompute-checkpoint-every-layer", "--activation-checkpointing", "false")
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--recompute-checkpoint-every-layer [BOOL] the reference's name for " \
+           "--activation-checkpointing" in help_text
 
 
 def test_flags_override_preset_and_unset_flags_do_not_clobber():

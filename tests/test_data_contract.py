@@ -4,10 +4,12 @@ manifest are described from their records, and a custom vocab travels into every
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
+from bertforge.train import checkpoint as ckpt
 from bertforge.train.pretraining import pretrain
 from support import MASK, SEQ, tiny_config, write_random_shards
 
@@ -59,3 +61,27 @@ def test_a_custom_vocab_travels_into_every_checkpoint(small_vocab_shards, tmp_pa
         from bertforge.data.vocab import default_vocab_file
         pretrain(tiny_config(shards, tmp_path / "c", vocab_size=2000,
                              tokenizer=str(default_vocab_file()), **common))
+
+
+def test_mlm_only_shards_train_mlm_only_with_dynamic_whole_word_masks(
+        preprocessed_sample, tmp_path):
+    """tokenize --objective mlm -> shards that say so; pretrain refuses to read NSP labels
+    from them, and trains MLM alone on them with fresh whole-word masks per batch."""
+    from bertforge.data.instances import InstanceConfig, tokenize
+    from bertforge.data.stage import describe
+    from bertforge.data.vocab import load_tokenizer
+    text = sorted(preprocessed_sample.rglob("*.txt"))[:1]
+    tokenize(text, tmp_path / "shards", InstanceConfig(
+        sequence_length=64, mask_tokens=8, duplication_factor=1, objective="mlm",
+        whole_word_masking=True), tokenizer=load_tokenizer(), workers=1)
+    shards = str(tmp_path / "shards" / "*.tfrecord")
+    described, _ = describe(shards)
+    assert described["objective"] == "mlm" and described["whole_word_masking"]
+    common = dict(sequence_length=64, mask_tokens=8, training_steps=2, vocab_size=30522)
+    with pytest.raises(ValueError, match=r"masked-LM-only records .* give --objective mlm"):
+        pretrain(tiny_config(shards, tmp_path / "a", **common))
+    result = pretrain(tiny_config(shards, tmp_path / "b", objective="mlm", masking="dynamic",
+                                  mask_rate=0.25, whole_word_masking=True, **common))
+    assert "nsp_acc" not in result.history[-1] and result.history[-1]["mlm_loss"] > 0
+    saved = json.loads((result.final_checkpoint / ckpt.CONFIG_FILE).read_text())
+    assert saved["data"]["mask_tokens"] == 16  # ceil(0.25 x 64): the dynamic masks' slots

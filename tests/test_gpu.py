@@ -22,6 +22,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+# The tolerances below were measured with unit_test's earlier optimizer (torch's AdamW, fused
+# on CUDA, lr 1e-3); the preset now follows the reference (AdamWNoBiasCorrection, lr 1e-2), so
+# these tests pin the values they were tuned on, and keep exercising torch's fused kernel.
+TUNED_ON = {"optimizer": "AdamW", "learning_rate": 1e-3}
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return write_random_shards(tmp_path_factory.mktemp("gpu-shards"))
@@ -30,9 +36,10 @@ def shards(tmp_path_factory) -> str:
 @pytest.mark.parametrize("precision,extra", [("fp32", {}), ("bf16", {}),
                                              ("fp16", {"auto_loss_scaling": True})])
 def test_cuda_training_tracks_cpu_fp32(shards, tmp_path, precision, extra):
-    cpu = pretrain(tiny_config(shards, tmp_path / "cpu", training_steps=3, hidden_dropout_prob=0.0))
+    cpu = pretrain(tiny_config(shards, tmp_path / "cpu", training_steps=3, hidden_dropout_prob=0.0,
+                               **TUNED_ON))
     gpu = pretrain(tiny_config(shards, tmp_path / precision, training_steps=3, device="cuda",
-                               precision=precision, hidden_dropout_prob=0.0, **extra))
+                               precision=precision, hidden_dropout_prob=0.0, **extra, **TUNED_ON))
     tolerance = 1e-4 if precision == "fp32" else 0.03
     for a, b in zip(gpu.history, cpu.history):
         assert abs(a["loss"] - b["loss"]) < tolerance * b["loss"]
@@ -47,7 +54,8 @@ def test_nccl_ddp_equals_one_gpu(shards, tmp_path):
               "--mask-tokens", "5", "--micro-batch-size", "4", "--training-steps", "3",
               "--dataloader-workers", "0", "--disable-progress-bar", "--device", "cuda",
               "--max-position-embeddings", "64", "--hidden-dropout-prob", "0",
-              "--global-batch-size", str(4 * gpus)]
+              "--global-batch-size", str(4 * gpus), "--optimizer", TUNED_ON["optimizer"],
+              "--learning-rate", str(TUNED_ON["learning_rate"])]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
                     "--standalone", "-m", "bertforge", "pretrain", *common,
                     "--checkpoint-output-dir", str(tmp_path / "ddp")], check=True, timeout=600,
@@ -79,7 +87,8 @@ def test_varlen_kernel_matches_the_per_segment_reference():
 
 
 def test_varlen_training_tracks_sdpa(shards, tmp_path):
-    common = {"training_steps": 3, "device": "cuda", "precision": "bf16", "hidden_dropout_prob": 0.0}
+    common = {"training_steps": 3, "device": "cuda", "precision": "bf16", "hidden_dropout_prob": 0.0,
+              **TUNED_ON}
     sdpa = pretrain(tiny_config(shards, tmp_path / "sdpa", **common))
     varlen = pretrain(tiny_config(shards, tmp_path / "varlen", attn_implementation="varlen", **common))
     for a, b in zip(varlen.history, sdpa.history):

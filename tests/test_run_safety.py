@@ -83,7 +83,7 @@ def run_to_4(shards, tmp_path_factory):
 
 @pytest.mark.parametrize("change,message", [
     ({"micro_batch_size": 2, "gradient_accumulation": 4}, r"--micro-batch-size 4 -> 2"),
-    ({"optimizer": "LAMB"}, r"--optimizer 'AdamW' -> 'LAMB'"),
+    ({"optimizer": "LAMB"}, r"--optimizer 'AdamWNoBiasCorrection' -> 'LAMB'"),  # unit_test's
     ({"random_seed": 7}, r"--random-seed \d+ -> 7"),  # the data order
     ({"training_steps": 4}, r"--training-steps 4 is not beyond .*step 4"),
 ])
@@ -123,7 +123,7 @@ def test_a_crash_before_the_first_real_checkpoint_does_not_block_a_rerun(shards,
                                                                           monkeypatch):
     from bertforge.train.engine import Engine
 
-    def out_of_memory(self, micro):
+    def out_of_memory(self, micro, param_stats=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     run = tmp_path / "run"

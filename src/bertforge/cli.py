@@ -129,13 +129,18 @@ def cmd_pretrain(cfg: PretrainConfig) -> int:
     result = pretrain(cfg)
     if not _is_rank_zero():
         return 0
+    nsp = cfg.data.objective == "mlm+nsp"  # MLM-only runs have no NSP numbers
     if result.history:
-        print(f"pretrain: {result.steps} steps; last-10 mean mlm_acc "
-              f"{result.last_mean('mlm_acc'):.3f}, nsp_acc {result.last_mean('nsp_acc'):.3f}; "
+        accuracy = f"mlm_acc {result.last_mean('mlm_acc'):.3f}"
+        if nsp:
+            accuracy += f", nsp_acc {result.last_mean('nsp_acc'):.3f}"
+        print(f"pretrain: {result.steps} steps; last-10 mean {accuracy}; "
               f"checkpoint {result.final_checkpoint}")
     if result.eval:
-        print(f"pretrain: held-out mlm_acc {result.eval['mlm_acc']:.3f}, nsp_acc "
-              f"{result.eval['nsp_acc']:.3f} over {int(result.eval['records'])} records")
+        accuracy = f"mlm_acc {result.eval['mlm_acc']:.3f}"
+        if nsp:
+            accuracy += f", nsp_acc {result.eval['nsp_acc']:.3f}"
+        print(f"pretrain: held-out {accuracy} over {int(result.eval['records'])} records")
     return 0
 
 

@@ -10,7 +10,8 @@ measured on text the model never saw. Every data stage skips work that is alread
 so a second `make demo` goes straight to training.
 
 Why this recipe (measured in docs/benchmarks.md, "The demo"): the reference's
-demo_tiny_128 (bert-base's 30,522-token vocab, 64 wide, AdamW 1e-3 constant) stays at the
+demo_tiny_128 (bert-base's 30,522-token vocab, 64 wide, the reference's AdamW
+without bias correction, 1e-3 constant) stays at the
 most-frequent-token level on 2.6 MB of text for its 150 steps and for 1000. A vocab trained
 on the sample (8,192 tokens: every token seen often enough to learn, and a 4x cheaper
 decoder), a 128-wide 2-layer encoder, and the MLM bias started at the unigram prior

@@ -14,6 +14,12 @@ Two rules apply to a whole run config rather than one value and so live here, on
 - Required fields (`opt(..., required=True)`: an input or output path) are checked by
   `check_required()` just before the command runs, not when the config is built, so that
   `--help` and `--print-config` work before the inputs are known.
+- Aliases (`opt(None, ..., alias_of="field")`: another name for a field, kept so that the
+  reference's flag and preset key still work): the alias is a field of its own, so it gets
+  a flag and a line in --help like any other, with the target's type; when set it sets its
+  target and then reads None again, so only the target is ever consulted (and saved with a
+  value). Given both, with different values, is an error. Cost: one always-null entry per
+  alias in a saved config.
 
 Pure Python (no torch/transformers/numpy): the CLI builds its parser from these classes.
 """
@@ -64,11 +70,14 @@ def flag_name(field_name: str) -> str:
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
         le: float | None = None, lt: float | None = None, metavar: str | None = None,
-        required: bool = False, positional: bool = False) -> Any:
+        required: bool = False, positional: bool = False, alias_of: str | None = None) -> Any:
     """A section field: its flag help, numeric bounds (checked on build), and whether the
-    command needs it set before running (`required`) or takes it as a positional argument."""
+    command needs it set before running (`required`) or takes it as a positional argument.
+    `alias_of` makes it another name for that field of the same section (module docstring):
+    declare it with the target's type and default None."""
+    assert alias_of is None or default is None, "an alias field defaults to None (unset)"
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "metavar": metavar,
-            "required": required, "positional": positional}
+            "required": required, "positional": positional, "alias_of": alias_of}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -170,6 +179,15 @@ class Section:
     def __post_init__(self) -> None:
         section_hints = hints(type(self))
         for f in fields(self):
+            target = f.metadata.get("alias_of")
+            if target is not None:
+                # Aliases first, so the target's own coercion and bounds check the value.
+                if not is_none(getattr(self, f.name)):
+                    setattr(self, target, getattr(self, f.name))
+                setattr(self, f.name, None)
+        for f in fields(self):
+            if f.metadata.get("alias_of") is not None:
+                continue  # always None here; its hint is the target's, which None is not
             name = f"{f.name} ({flag_name(f.name)})"
             try:
                 value = coerce(getattr(self, f.name), section_hints[f.name])
@@ -262,6 +280,14 @@ class RunConfig(metaclass=_FlatKeywords):
                 nested[owner[key]][key] = coerce(value, hints(sections[owner[key]])[key])
             except ValueError as err:
                 raise ValueError(f"{where}: {key}: {err}") from None
+        for section, own in nested.items():
+            for f in fields(sections[section]):
+                target = f.metadata.get("alias_of")
+                if (target is not None and target in own and not is_none(own.get(f.name))
+                        and own[f.name] != own[target]):
+                    raise ValueError(f"{flag_name(f.name)} is another name for "
+                                     f"{flag_name(target)} and the two disagree "
+                                     f"({own[f.name]!r} vs {own[target]!r}); give only one")
         return cls(config=config, **{s: sections[s](**v) for s, v in nested.items()})
 
     def to_flat(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ reference's names (micro_batch_size, mask_tokens, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -45,6 +46,9 @@ class ModelSection(Section):
                                          "backward pass (the reference's "
                                          "recompute_checkpoint_every_layer): ~1/3 more compute "
                                          "for far less activation memory")
+    recompute_checkpoint_every_layer: bool = opt(
+        None, "the reference's name for --activation-checkpointing (sets it; default: unset)",
+        alias_of="activation_checkpointing")
     attn_implementation: Literal["sdpa", "eager", "varlen"] = opt(
         "sdpa", "attention kernel: torch scaled_dot_product_attention, the plain reference path, "
         "or variable-length flash attention (CUDA, bf16/fp16, no attention dropout; packed "
@@ -85,8 +89,30 @@ class DataSection(Section):
     tokenizer: str | None = opt(None, "vocab.txt or Hugging Face tokenizer the shards were made "
                                 "with, saved into checkpoints (default: bert-base-uncased)",
                                 metavar="PATH")
+    objective: Literal["mlm+nsp", "mlm"] = opt(
+        "mlm+nsp", "what the loss trains: masked LM plus next-sentence prediction (BERT, the "
+        "reference), or masked LM alone (RoBERTa and later; the NSP labels are never read)")
+    masking: Literal["static", "dynamic"] = opt(
+        "static", "static: the masks written into the shards by `bertforge tokenize`; dynamic: "
+        "the shards' masks are undone and fresh ones drawn for every batch at load time "
+        "(RoBERTa), reproducible from --random-seed and the batch number")
+    mask_rate: float = opt(0.15, "dynamic masking: share of each sequence's tokens to predict "
+                           "(BERT 0.15, cramming 0.25, MosaicBERT 0.3); sets --mask-tokens to "
+                           "ceil(rate x S)", gt=0, lt=1)
+    mask_replace_prob: float = opt(0.8, "dynamic masking: share of the predicted tokens "
+                                   "replaced by [MASK]", ge=0, le=1)
+    mask_random_prob: float = opt(0.1, "dynamic masking: share replaced by a random token (the "
+                                  "rest keep their token)", ge=0, le=1)
+    whole_word_masking: bool = opt(False, "dynamic masking: mask whole words (a word's ##pieces "
+                                   "together), as Google's --do_whole_word_mask")
 
     def check(self) -> None:
+        if self.mask_replace_prob + self.mask_random_prob > 1:
+            self.fail("mask_random_prob", f"+ --mask-replace-prob = "
+                      f"{self.mask_replace_prob + self.mask_random_prob:g} exceeds 1")
+        if self.masking == "dynamic":
+            # Google's count, round(rate x length), is at most ceil(rate x S) for any length.
+            self.mask_tokens = math.ceil(self.mask_rate * self.sequence_length)
         # [CLS] A [SEP] B [SEP]: three special tokens are never masked.
         if self.mask_tokens > self.sequence_length - 3:
             self.fail("mask_tokens", f"= {self.mask_tokens} must be at most sequence_length - 3 "
@@ -102,8 +128,9 @@ class DataSection(Section):
 class OptimSection(Section):
     """Optimizer and learning-rate schedule."""
 
-    optimizer: Literal["AdamW", "LAMB", "LAMBNoBiasCorrection"] = opt(
-        "AdamW", "AdamW, or LAMB with or without Adam's bias correction")
+    optimizer: Literal["AdamW", "AdamWNoBiasCorrection", "LAMB", "LAMBNoBiasCorrection"] = opt(
+        "AdamW", "AdamW (torch's) or LAMB, each with or without Adam's bias correction (the "
+        "reference's AdamW had none: AdamWNoBiasCorrection)")
     learning_rate: float = opt(1e-3, "peak learning rate", gt=0)
     lr_schedule: Literal["constant", "linear"] = opt(
         "constant", "'linear': warm up for int(lr_warmup x steps), then decay linearly to 0")
@@ -115,6 +142,9 @@ class OptimSection(Section):
     max_grad_norm: float | None = opt(
         None, "clip the global gradient norm to this before each step (none: no clipping, as "
         "the reference presets); the norm is logged every step either way", gt=0)
+    enable_half_first_order_momentum: bool = opt(
+        False, "keep the optimizer's first moment (exp_avg) in bfloat16: 2 bytes less state "
+        "per parameter; the update is still computed in fp32")
 
 
 @dataclass
@@ -144,6 +174,14 @@ class TrainSection(Section):
     disable_progress_bar: bool = opt(False, "no tqdm bar; log one line per step instead")
     wandb: bool = opt(False, "log losses, accuracies, LR and throughput to Weights & Biases")
     wandb_project: str = opt("bertforge", "Weights & Biases project name", metavar="NAME")
+    wandb_param_steps: int = opt(
+        0, "every N steps also log norm, mean and std of every parameter tensor and its "
+        "gradient, where the metrics go (metrics.jsonl, TensorBoard, wandb with --wandb); "
+        "0: never", ge=0)
+    profile_dir: str | None = opt(
+        None, "write a torch.profiler trace of steps 3-5 here (Chrome trace JSON, opens in "
+        "TensorBoard's profiler or Perfetto); steps 1-2 are skipped as warm-up",
+        metavar="DIR")
 
     def split_batch(self, world_size: int) -> None:
         """Fill gradient_accumulation / global_batch_size so that global = micro x accumulation
@@ -233,7 +271,9 @@ class PretrainConfig(RunConfig):
         t = cfg.train
         t.split_batch(world_size)
         t.compile = t.compile or t.compile_only
-        if cfg.data.sequence_length > cfg.model.max_position_embeddings:
+        # A model from --checkpoint-input-dir brings its own table (checked once loaded).
+        if cfg.checkpoint.checkpoint_input_dir is None \
+                and cfg.data.sequence_length > cfg.model.max_position_embeddings:
             raise ValueError(f"sequence_length {cfg.data.sequence_length} exceeds "
                              f"max_position_embeddings {cfg.model.max_position_embeddings}; "
                              "lower --sequence-length or raise --max-position-embeddings")

@@ -43,7 +43,7 @@ row, and `packed_batch` reads a packed batch into the row layout (bertforge/rows
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
 
@@ -149,7 +149,8 @@ class PretrainingDataset(IterableDataset):
     def __init__(self, files: Sequence[str | Path], batch_size: int, *, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0,
                  drop_last_epoch_partial: bool = False, check_crc: bool = True,
-                 infinite: bool = True, vocab_size: int | None = None):
+                 infinite: bool = True, vocab_size: int | None = None,
+                 transform: Callable[[dict[str, torch.Tensor], int], dict] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -165,6 +166,7 @@ class PretrainingDataset(IterableDataset):
         self._file_ids = np.repeat(np.arange(len(self.files), dtype=np.int32), sizes)
         self._file_starts = np.cumsum([0] + sizes[:-1])  # global number of each file's record 0
         self.vocab_size = vocab_size
+        self.transform = transform  # (batch, batch number) -> batch, in the loader workers
         entries = np.concatenate(indexes) if indexes else np.zeros((0, 2), np.int64)
         self._offsets, self._lengths = entries[:, 0].copy(), entries[:, 1].copy()
         self.num_records = len(self._offsets)
@@ -240,7 +242,7 @@ class PretrainingDataset(IterableDataset):
             if values.ndim == 2 and values.shape[1] == 1:
                 values = np.ascontiguousarray(values[:, 0])  # per-record scalar: NSP label
             batch[name] = torch.from_numpy(values)
-        return batch
+        return batch if self.transform is None else self.transform(batch, number)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()

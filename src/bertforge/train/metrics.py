@@ -6,6 +6,10 @@ printed them. Beyond the reference we also report real (non-padding) tokens/s, w
 honest speed measure once packing removes padding, and the wall time since the run began
 (`wall_s`; `train_s` counts training steps only), so time to accuracy can be read off any
 log. Only rank 0 builds a MetricsLogger.
+
+Splits of the log: "train" (every step), "eval", and "params" (`parameter_statistics`, every
+--wandb-param-steps steps: one line holding ~6 values per parameter tensor, ~1,200 for
+BERT-base, so it is opt-in).
 """
 
 from __future__ import annotations
@@ -31,6 +35,30 @@ def format_step_line(step: int, total_steps: int, m: dict[str, float],
             + (f" - grad norm: {m['grad_norm']:.3g}" if "grad_norm" in m else "")
             + (f" - loss scale: {m['loss_scale']:g} ({int(m['skipped_steps'])} skipped)"
                if "loss_scale" in m else ""))
+
+
+def parameter_statistics(model) -> dict[str, float]:
+    """`<name>/{norm,mean,std}` of every trainable parameter and `<name>/grad_{norm,mean,std}`
+    of its gradient (where it has one), for --wandb-param-steps. Computed in fp32 on the
+    device, then one transfer (a single sync instead of one per value). std is the population
+    std (correction 0), so one-element tensors give 0 rather than nan."""
+    import torch
+
+    names, values = [], []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            for kind, tensor in (("", param), ("grad_", param.grad)):
+                if tensor is None:
+                    continue
+                x = tensor.detach().float()
+                std, mean = torch.std_mean(x, correction=0)
+                names += [f"{name}/{kind}norm", f"{name}/{kind}mean", f"{name}/{kind}std"]
+                values += [x.norm(), mean, std]
+        if not values:
+            return {}
+        return dict(zip(names, torch.stack(values).tolist()))
 
 
 class MetricsLogger:

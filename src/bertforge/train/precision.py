@@ -5,7 +5,8 @@
 - fp16: autocast plus either dynamic loss scaling (`--auto-loss-scaling`, torch's GradScaler,
   the counterpart of the reference's ALS: grows the scale every 2000 clean steps, halves it and
   skips the step on inf/nan) or a static `--loss-scaling S` (loss x S, gradients / S).
-Master weights and optimizer state stay fp32 in every mode.
+Master weights and optimizer state stay fp32 in every mode (but the first moment with
+--enable-half-first-order-momentum: bf16, train/optim.py).
 
 A step is `unscale_and_clip` (gradients back to their true scale, the global norm measured
 and, with --max-grad-norm, clipped: the norm is what the loop checks for inf/nan and logs)

@@ -1,8 +1,10 @@
-"""`bertforge pretrain`: the MLM + NSP task on the training engine (train/engine.py).
+"""`bertforge pretrain`: the MLM + NSP task (or MLM alone) on the training engine.
 
-What is pre-training's own: the model (GatheredBertForPreTraining, new or from a checkpoint,
-its MLM bias at the data's unigram prior), the batches (TFRecord shards, packed or not, or
-random data; train/sources.py), the loss normalisers (the step's labelled MLM positions and
+What is pre-training's own: the model (GatheredBertForPreTraining, new or from a checkpoint
+for continued pre-training or phase 2; a new MLM head's bias at the data's unigram prior),
+the objective (--objective mlm: no NSP loss, NSP head frozen), the masking (the shards'
+static masks, or --masking dynamic: fresh ones per batch, data/masking.py), the batches
+(TFRecord shards, packed or not, or random data; train/sources.py), the loss normalisers (the step's labelled MLM positions and
 sequences, all-reduced over ranks, so accumulation and DDP give the big-batch update), the
 held-out evaluation and --target-mlm-accuracy, and the tokenizer files saved with
 checkpoints. The loop, checkpoints, resume, precision and logging are the engine's.
@@ -43,12 +45,16 @@ class PretrainTask(Task):
                    ("train", "gradient_accumulation"), ("train", "global_batch_size"),
                    ("train", "random_seed"), ("data", "input_files"), ("data", "dataset"),
                    ("data", "synthetic_data"), ("data", "sequence_length"),
-                   ("data", "mask_tokens"), ("data", "packed_data"), ("data", "shuffle"))
+                   ("data", "mask_tokens"), ("data", "packed_data"), ("data", "shuffle"),
+                   ("data", "objective"), ("data", "masking"), ("data", "mask_rate"),
+                   ("data", "mask_replace_prob"), ("data", "mask_random_prob"),
+                   ("data", "whole_word_masking"))
     order_depends_on_world_size = True  # rank r reads every W-th record (data/loader.py)
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
+        self.nsp = d.objective == "mlm+nsp"
         self.eval_every = d.eval_every
         if d.target_mlm_accuracy is not None:
             self.target = ("mlm_acc", d.target_mlm_accuracy)
@@ -57,11 +63,29 @@ class PretrainTask(Task):
     def build_model(self, engine: Engine) -> GatheredBertForPreTraining:
         m = self.cfg.model
         if engine.source is not None:
-            return GatheredBertForPreTraining.from_pretrained(
-                engine.source, attn_implementation=implementation(m.attn_implementation))
-        model = build_pretraining_model(bert_config(m),
-                                        attn_implementation=m.attn_implementation)
-        init_mlm_prior(model, self.cfg)
+            model, info = GatheredBertForPreTraining.from_pretrained(
+                engine.source, attn_implementation=implementation(m.attn_implementation),
+                output_loading_info=True)
+            c = model.config
+            if self.cfg.data.sequence_length > c.max_position_embeddings:
+                raise ValueError(f"--sequence-length {self.cfg.data.sequence_length} exceeds "
+                                 f"the {c.max_position_embeddings} positions of {engine.source}; "
+                                 "use shards and --sequence-length within them")
+            log.info("model: %s's shape (hidden %d, %d layers, %d heads, vocab %d); the "
+                     "preset's shape fields do not apply", engine.source, c.hidden_size,
+                     c.num_hidden_layers, c.num_attention_heads, c.vocab_size)
+            if any(k.startswith("cls.predictions.") for k in info["missing_keys"]) \
+                    and engine.state is None:
+                # An encoder without an MLM head (a fine-tune, a sentence encoder): the head
+                # starts new, its bias at the data's unigram prior as for a new model.
+                log.info("%s has no MLM head: it starts new", engine.source)
+                init_mlm_prior(model, self.cfg)
+        else:
+            model = build_pretraining_model(bert_config(m),
+                                            attn_implementation=m.attn_implementation)
+            init_mlm_prior(model, self.cfg)
+        if not self.nsp:
+            model.mlm_only()
         return model
 
     def prepare(self, engine: Engine) -> int:
@@ -109,7 +133,8 @@ class PretrainTask(Task):
         micro = training_batches(self.cfg.data, micro_batch_size=t.micro_batch_size,
                                  vocab_size=engine.model.config.vocab_size, seed=t.random_seed,
                                  rank=ctx.rank, world_size=ctx.world_size,
-                                 start_batch=consumed_batches, device=ctx.device)
+                                 start_batch=consumed_batches, device=ctx.device,
+                                 masker=dynamic_masker(self.cfg, ctx.rank))
         accum = t.gradient_accumulation
         return ([next(micro) for _ in range(accum)] for _ in itertools.count())
 
@@ -136,18 +161,21 @@ class PretrainTask(Task):
         # Each rank's losses are its partial means of the global mean: the sum over ranks
         # counts the world size once too often.
         mlm_loss, nsp_loss = mlm_loss / world_size, nsp_loss / world_size
-        return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
-                "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
-                "sequences": n_seq, "real_tokens": n_tok}
+        m = {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+             "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
+             "sequences": n_seq, "real_tokens": n_tok}
+        return m if self.nsp else _without_nsp(m)
 
     def step_fields(self, m: dict[str, float], short: bool = False) -> dict[str, str]:
         if short:
-            return {"loss": f"{m['loss']:.3f}", "mlm_acc": f"{m['mlm_acc']:.3f}",
-                    "nsp_acc": f"{m['nsp_acc']:.3f}"}
-        # The reference's labels; accuracies are fractions 0..1 as it printed them.
-        return {"total loss": f"{m['loss']:.3f}", "mlm_loss": f"{m['mlm_loss']:.3f}",
-                "nsp_loss": f"{m['nsp_loss']:.3f}", "mlm_acc": f"{m['mlm_acc']:.3f} %",
-                "nsp_acc": f"{m['nsp_acc']:.3f} %"}
+            fields = {"loss": f"{m['loss']:.3f}", "mlm_acc": f"{m['mlm_acc']:.3f}",
+                      "nsp_acc": f"{m.get('nsp_acc', 0):.3f}"}
+        else:
+            # The reference's labels; accuracies are fractions 0..1 as it printed them.
+            fields = {"total loss": f"{m['loss']:.3f}", "mlm_loss": f"{m['mlm_loss']:.3f}",
+                      "nsp_loss": f"{m.get('nsp_loss', 0):.3f}",
+                      "mlm_acc": f"{m['mlm_acc']:.3f} %", "nsp_acc": f"{m.get('nsp_acc', 0):.3f} %"}
+        return fields if self.nsp else _without_nsp(fields)
 
     def synthetic_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         d = self.cfg.data
@@ -171,9 +199,36 @@ class PretrainTask(Task):
             sums += torch.stack([out.mlm_loss, out.nsp_loss, out.num_mlm_correct, out.num_masked,
                                  out.num_nsp_correct, out.num_sequences]).to(torch.float64)
         mlm_sum, nsp_sum, mlm_ok, n_mask, nsp_ok, n_seq = all_reduce_sum(sums, ctx).tolist()
-        return {"mlm_loss": mlm_sum / max(1.0, n_mask), "nsp_loss": nsp_sum / max(1.0, n_seq),
-                "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
-                "records": n_seq}
+        m = {"mlm_loss": mlm_sum / max(1.0, n_mask), "nsp_loss": nsp_sum / max(1.0, n_seq),
+             "mlm_acc": mlm_ok / max(1.0, n_mask), "nsp_acc": nsp_ok / max(1.0, n_seq),
+             "records": n_seq}
+        return m if self.nsp else _without_nsp(m)
+
+
+def _without_nsp(fields: dict) -> dict:
+    """Metrics or step-line fields of masked LM alone: no NSP numbers that mean nothing."""
+    return {k: v for k, v in fields.items() if not k.startswith("nsp")}
+
+
+def dynamic_masker(cfg: PretrainConfig, rank: int):
+    """The load-time masker of --masking dynamic (data/masking.py), or None for the shards'
+    own masks. Its special tokens and word pieces come from the data's vocab."""
+    d = cfg.data
+    if d.masking != "dynamic":
+        return None
+    from bertforge.data.masking import DynamicMasker, MaskRule, continuation_table
+    from bertforge.data.vocab import load_tokenizer
+    is_file = d.tokenizer is not None and Path(d.tokenizer).is_file()
+    tokenizer = load_tokenizer(vocab_file=Path(d.tokenizer) if is_file else None,
+                               name_or_path=None if is_file else d.tokenizer)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    return DynamicMasker(
+        rule=MaskRule(vocab["[MASK]"], min(len(vocab), cfg.model.vocab_size),
+                      d.mask_replace_prob, d.mask_random_prob),
+        rate=d.mask_rate, max_per_sequence=d.mask_tokens,
+        special_ids=tuple(vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")),
+        continuation=continuation_table(vocab) if d.whole_word_masking else None,
+        seed=cfg.train.random_seed, rank=rank)
 
 
 def init_mlm_prior(model: GatheredBertForPreTraining, cfg: PretrainConfig) -> None:
@@ -239,7 +294,12 @@ def data_tokenizer(cfg: PretrainConfig) -> str | None:
                              f"{described['sequence_length']}-token records; give "
                              f"--sequence-length {described['sequence_length']}, or shards "
                              f"made at {d.sequence_length}")
+        if described.get("objective", "mlm+nsp") == "mlm" and d.objective != "mlm":
+            raise ValueError(f"{first} holds masked-LM-only records (tokenize --objective "
+                             "mlm: no sentence pairs, no NSP labels); give --objective mlm")
         mask = described.get("mask_tokens")
+        if d.masking == "dynamic":
+            mask = None  # the shards' masks are undone; --mask-rate decides
         if mask is not None and mask != d.mask_tokens:
             raise ValueError(f"--mask-tokens {d.mask_tokens} (preset {cfg.config} or the "
                              f"flag) contradicts the data: {first} was made with {mask} masked-LM predictions per "
@@ -260,6 +320,17 @@ def _check_vocab(cfg: PretrainConfig, data_vocab: dict) -> str | None:
         log.warning("--tokenizer %s is not a vocab file: not compared with the shards' vocab "
                     "%s", d.tokenizer, data_vocab["vocab_file"])
         return None
+    source = cfg.checkpoint.checkpoint_input_dir
+    source_vocab = Path(source) / "vocab.txt" if source else None
+    if source_vocab is not None and not source_vocab.is_file():  # a run dir: its latest step
+        from bertforge.train.checkpoint import resolve_checkpoint
+        resolved = resolve_checkpoint(source)
+        source_vocab = Path(resolved) / "vocab.txt" if isinstance(resolved, Path) else None
+    if source_vocab is not None and source_vocab.is_file() \
+            and vocab_sha256(source_vocab) != data_vocab["vocab_sha256"]:
+        raise ValueError(f"--checkpoint-input-dir {source} has another vocab than the shards "
+                         f"({data_vocab['vocab_file']}); its token ids would mean other words: "
+                         f"tokenize with --vocab-file {source_vocab}")
     result = None
     if vocab_sha256(given) != data_vocab["vocab_sha256"]:
         if d.tokenizer:

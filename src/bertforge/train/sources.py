@@ -5,6 +5,8 @@
 - `generated` (the reference's --dataset generated): one random record repeated, still passing
   through the host-to-device copy every step.
 - `--synthetic-data`: one random batch made once on the device and reused: no input cost at all.
+With --masking dynamic the shards' masks are replaced by fresh ones for every batch
+(data/masking.py: DynamicMasker), in the loader workers (`MaskedRows`).
 Random records are valid pre-training records (masked positions sorted and unique inside the
 sequence, real labels), so losses and accuracies stay meaningful.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,11 +48,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int, rank: int,
-                     world_size: int, start_batch: int, device: torch.device) -> Iterator[dict]:
+                     world_size: int, start_batch: int, device: torch.device,
+                     masker=None) -> Iterator[dict]:
     """Infinite iterator of device batches for this rank, starting at batch `start_batch`.
 
     `data` is the DataSection. The DataLoader gets its own generator so that creating it does
-    not consume the global RNG (that would break exact resume of dropout).
+    not consume the global RNG (that would break exact resume of dropout). `masker`
+    (data/masking.py: DynamicMasker) re-masks every batch in the loader workers.
     """
     if data.synthetic_data or data.dataset == "generated":
         gen = torch.Generator().manual_seed(seed + rank)
@@ -60,15 +66,33 @@ def training_batches(data, *, micro_batch_size: int, vocab_size: int, seed: int,
         host = {k: v.expand(micro_batch_size, *v.shape[1:]).contiguous() for k, v in record.items()}
         return (to_device(host, device) for _ in itertools.count())
     from bertforge.data.loader import PretrainingDataset, make_dataloader
+    transform = None if masker is None else MaskedRows(masker, data.packed_data)
     dataset = PretrainingDataset(data.input_files, micro_batch_size, shuffle=data.shuffle,
                                  seed=seed, rank=rank, world_size=world_size,
-                                 start_batch=start_batch, vocab_size=vocab_size)
+                                 start_batch=start_batch, vocab_size=vocab_size,
+                                 transform=transform)
     loader = make_dataloader(dataset, data.dataloader_workers)
+    if transform is not None:  # already rows
+        return (to_device(b, device) for b in loader)
     if data.packed_data:  # the reference packer's layout is converted on the fly
         from bertforge.data.loader import packed_batch
         return (to_device(packed_batch(b), device) for b in loader)
     # Into the row layout once here, not again in the loop's counts and the model's forward.
     return (to_device(as_rows(b), device) for b in loader)
+
+
+@dataclass
+class MaskedRows:
+    """Loader transform of dynamic masking: batch `number` in the row layout, re-masked."""
+
+    masker: Any  # data/masking.py: DynamicMasker
+    packed: bool
+
+    def __call__(self, batch: dict[str, torch.Tensor], number: int) -> dict[str, torch.Tensor]:
+        from bertforge.data.loader import packed_batch
+        rows = packed_batch(batch) if self.packed else as_rows(batch)
+        masked = self.masker({k: v.numpy() for k, v in rows.items()}, number)
+        return {k: torch.from_numpy(v) for k, v in masked.items()}
 
 
 def eval_batches(files: list[str], *, micro_batch_size: int, rank: int, world_size: int,
