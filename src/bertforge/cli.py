@@ -80,8 +80,10 @@ def cmd_tokenize(cfg: TokenizeConfig) -> int:
     f, v = cfg.files, cfg.vocab
     tokenizer = load_tokenizer(vocab_file=_path(v.vocab_file), name_or_path=v.tokenizer,
                                lower_case=v.lower_case)
-    print(tokenize([Path(p) for p in f.inputs], Path(f.output_dir), cfg.instances,
-                   tokenizer=tokenizer, num_shards=f.num_shards, workers=f.workers).line())
+    # inputs stay strings: with --input-format hf one may be a hub name, not a path
+    print(tokenize(f.inputs, Path(f.output_dir), cfg.instances, tokenizer=tokenizer,
+                   num_shards=f.num_shards, workers=f.workers, input_format=f.input_format,
+                   text_field=f.text_field, split=f.split).line())
     return 0
 
 

@@ -106,13 +106,27 @@ class VocabTrainConfig(RunConfig):
 class TokenizeSection(Section):
     """Which text goes in and where the shards go."""
 
-    inputs: list[str] = opt([], "preprocessed text files or directories", metavar="INPUT",
+    inputs: list[str] = opt([], "text files (one sentence per line, a blank line between "
+                            "documents), JSONL (.jsonl, .json, .jsonl.gz), Parquet, folders "
+                            "written by datasets' save_to_disk, or directories of them; hub "
+                            "dataset names with --input-format hf", metavar="INPUT",
                             positional=True, required=True)
     output_dir: str | None = opt(None, "where the TFRecord shards and their .index go",
                                  metavar="DIR", required=True)
     num_shards: int | None = opt(None, "output shards (default: about 64 MB of records each)",
                                  ge=1)
     workers: int | None = _workers()
+    input_format: Literal["auto", "text", "jsonl", "parquet", "hf"] = opt(
+        "auto", "auto: from the names (.jsonl/.json/.jsonl.gz, .parquet, a folder holding "
+        "dataset_info.json or state.json, else text); hf: saved folders or hub names")
+    text_field: str = opt("text", "the JSON field or column holding a record's text (JSONL, "
+                          "Parquet, hf); each record is one document", metavar="NAME")
+    split: str = opt("train", "the split of a hub dataset or of a saved DatasetDict",
+                     metavar="NAME")
+
+    def check(self) -> None:
+        if not self.text_field:
+            self.fail("text_field", "is empty: name the field holding the text")
 
 
 @dataclass

@@ -3,8 +3,10 @@
     wiki.py          download (resumable, checksummed), WikiExtractor, sentence split
     vocab.py         the default vocab, --vocab-file / --tokenizer, WordPiece training
     text_tasks.py    input text cut into bounded tasks at document boundaries (tokenize)
+    corpus.py        JSONL, Parquet and Hugging Face datasets as tokenize's text input
     fast_wordpiece.py  the word-cached WordPiece encoder beside the tokenizers reference
-    instances.py     `bertforge tokenize`: sentences -> masked LM + NSP instances
+    instances.py     `bertforge tokenize`: sentences -> masked LM + NSP (or MLM-only) instances
+    masking.py       masked-LM masking, static and dynamic, token and whole-word
     example.py       tf.train.Example records: encode, vectorised decode
     shards.py        record batches into shards, disk spills for the global shuffles
     tfrecord.py      TFRecord framing with masked CRC32C, `.index` files, `bertforge index`

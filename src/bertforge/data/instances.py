@@ -33,6 +33,12 @@ on the sample, on 2 cores) and bounded memory (Google holds every instance: 655 
 Measured here (benchmarks/bench_tokenize.py): see docs/benchmarks.md; the sample command runs
 in well under the 1.7 s budget on an idle machine.
 
+Beyond Google's recipe: `--objective mlm` makes instances for masked LM alone (RoBERTa's
+"full sentences" within a document): a chunk of contiguous sentences up to S-2 tokens as one
+segment, `[CLS] text [SEP]`, NSP label 0, no random second segment; `--whole-word-masking`
+masks a word's ##pieces together (Google's --do_whole_word_mask; data/masking.py). The
+manifest records both, and pre-training checks them.
+
 A task holding a single document cannot draw a random B from another document; such
 instances are skipped and counted ('instance-without-other-document') rather than labelled
 "random" with a B from the same document as Google's fallback would. Everything else that
@@ -58,12 +64,13 @@ import numpy as np
 
 from bertforge.config.data import InstanceConfig  # the parameters, validated there
 from bertforge.data import stage
+from bertforge.data.corpus import CORPUS_TEXT, SCRATCH_PREFIX, open_corpus, write_text
 from bertforge.data.fast_wordpiece import SentenceEncoder
 from bertforge.data.masking import MaskRule, apply_rule, choose, continuation_table, word_keys
 from bertforge.data.shards import (ShardSpill, encode_example_batch, write_shard,
                                    write_shard_from_spill)
 from bertforge.data.stage import Summary, default_workers
-from bertforge.data.text_tasks import Piece, find_input_files, plan_tasks, read_task
+from bertforge.data.text_tasks import Piece, plan_tasks, read_task
 from bertforge.data.tfrecord import index_path
 from bertforge.files import atomic_output
 from bertforge.processes import worker_pool
@@ -346,36 +353,65 @@ def default_num_shards(text_bytes: int, config: InstanceConfig) -> int:
     return max(1, round(expected / SHARD_BYTES))
 
 
-def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, tokenizer,
-             num_shards: int | None = None, workers: int | None = None) -> Summary:
+def tokenize(inputs: list[str | Path], output_dir: Path, config: InstanceConfig, tokenizer,
+             num_shards: int | None = None, workers: int | None = None, *,
+             input_format: str = "auto", text_field: str = "text",
+             split: str = "train") -> Summary:
     """Text files/directories -> `output_dir/part-XXXXX-of-YYYYY.tfrecord` (+ .index) shards
     of shuffled pre-training instances; skipped when already complete with the same inputs,
     config, tokenizer and shard count. Output is identical for any number of workers.
     The manifest (data/stage.py) records S, M, each shard's records and the tokenizer: vocab
-    sha256 and size, lower-casing, and a copy of its vocab.txt beside the shards (VOCAB_COPY)."""
+    sha256 and size, lower-casing, and a copy of its vocab.txt beside the shards (VOCAB_COPY).
+
+    JSONL, Parquet and Hugging Face datasets (input_format, or detected from the names; see
+    data/corpus.py) are converted to the text format in a scratch folder first, after the
+    skip-if-complete check, and fingerprinted as the original inputs; their default shard
+    count follows the converted text (the manifest then records num_shards None)."""
     output_dir = Path(output_dir)
-    files = find_input_files(inputs, output_dir)
-    stats = [f.stat() for f in files]
-    text_bytes = sum(s.st_size for s in stats)
-    if num_shards is None:
-        num_shards = default_num_shards(text_bytes, config)
-    elif num_shards < 1:
+    corpus = open_corpus(inputs, output_dir, input_format, text_field, split)
+    files = corpus.files
+    if num_shards is not None and num_shards < 1:
         raise ValueError(f"--num-shards {num_shards} must be >= 1")
-    _refuse_raw_extracted(files)
+    if corpus.format == "text":
+        stats = [f.stat() for f in files]
+        text_bytes = sum(s.st_size for s in stats)
+        if num_shards is None:
+            num_shards = default_num_shards(text_bytes, config)
+        _refuse_raw_extracted(files)
     params = {"config": asdict(config), "num_shards": num_shards, "task_bytes": TASK_BYTES,
               "max_document_bytes": MAX_DOCUMENT_BYTES, "format": OUTPUT_FORMAT,
               "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
+    if corpus.format != "text":
+        params["input"] = corpus.settings  # text runs keep their params (and manifests)
     run = stage.begin(output_dir, "tokenize", params, files, outputs=OUTPUTS,
-                      scratch=[VOCAB_COPY, *(p.name for p in output_dir.glob(".tokenize-spill-*"))])
+                      scratch=[VOCAB_COPY, *(p.name for p in output_dir.glob(".tokenize-spill-*")),
+                               *(p.name for p in output_dir.glob(SCRATCH_PREFIX + "*"))])
     if run.done is not None:
         return run.done
 
     summary = Summary("tokenize")
     summary.counts.update(dict.fromkeys(("documents in", "sentences", "tokens", "instances out",
                                          "shards", "one-sentence documents"), 0))
-    empty = sum(s.st_size == 0 for s in stats)
-    if empty:
-        summary.skip("empty-file", empty)
+    scratch = None
+    if corpus.format != "text":
+        scratch = output_dir / f"{SCRATCH_PREFIX}{os.getpid()}"
+        scratch.mkdir()
+        files = [scratch / CORPUS_TEXT]
+        try:
+            converted = write_text(corpus, files[0], workers)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        converted.add(summary)  # 'records in' first, then the counts of the text path
+        summary = converted
+        stats = [f.stat() for f in files]
+        text_bytes = sum(s.st_size for s in stats)
+        if num_shards is None:
+            num_shards = default_num_shards(text_bytes, config)
+    else:
+        empty = sum(s.st_size == 0 for s in stats)
+        if empty:
+            summary.skip("empty-file", empty)
     tasks = plan_tasks([(str(f), s.st_size) for f, s in zip(files, stats)], TASK_BYTES)
     runner = _TaskRunner(tokenizer, config, tasks, num_shards)
     if workers is None:
@@ -422,6 +458,8 @@ def tokenize(inputs: list[Path], output_dir: Path, config: InstanceConfig, token
             bar.close()
     finally:
         shutil.rmtree(spill.directory, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     summary.counts["shards"] = num_shards
     outputs: dict[Path, int | None] = {}
     for path, count in zip(paths, counts):

@@ -44,7 +44,9 @@ def find_input_files(inputs: list[Path], output_dir: Path | None = None) -> list
         else:
             raise FileNotFoundError(f"input {item}: no such file or directory (tokenize reads "
                                     "text files with one sentence per line, a blank line "
-                                    "between documents, or directories of them)")
+                                    "between documents, JSONL, Parquet, saved Hugging Face "
+                                    "datasets, or directories of them; a hub dataset name "
+                                    "needs --input-format hf)")
     return files
 
 
