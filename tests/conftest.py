@@ -50,7 +50,7 @@ TIERS = {
     "test_packing": "unit", "test_rows": "unit", "test_sample": "unit",
     "test_squad_features": "unit", "test_squad_metric": "unit", "test_squad_packed": "unit",
     "test_squad_postprocess": "unit", "test_stage_manifests": "unit", "test_tfrecord": "unit",
-    "test_vocab": "unit", "test_masking": "unit", "test_processes": "unit", "test_recipes": "e2e",
+    "test_vocab": "unit", "test_masking": "unit", "test_processes": "unit", "test_recipes": "e2e", "test_longrun": "e2e",
     "test_reference_presets": "unit", "test_reference_flags": "e2e",
     "test_wiki": "unit", "test_corpus": "unit",
     "test_serve_engine": "unit", "test_serve_export": "unit serve",

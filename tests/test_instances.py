@@ -410,3 +410,12 @@ def test_raw_wikiextractor_files_are_refused(tokenizer, tmp_path):
     raw.write_text('<doc id="1" url="u" title="Cat">\nCat\nThe cat sat on the mat.\n</doc>\n')
     with pytest.raises(ValueError, match="raw WikiExtractor output.*bertforge wiki preprocess"):
         _run([tmp_path], tmp_path / "out", tokenizer)
+    # anywhere in a file, not only on its first line: a leading blank line, or a raw file
+    # appended to preprocessed text
+    for name, text in (("leading-blank", "\n"), ("appended", "The dog ran.\nIt was fast.\n\n")):
+        mixed = tmp_path / name / "text.txt"
+        mixed.parent.mkdir()
+        mixed.write_text(text + raw.read_text())
+        with pytest.raises(ValueError, match=r"text.txt: a WikiExtractor <doc id=\.\.\. line "
+                                             r".*bertforge wiki preprocess"):
+            _run([mixed.parent], tmp_path / f"out-{name}", tokenizer)

@@ -177,7 +177,8 @@ def test_mlm_bias_starts_at_the_data_prior_unless_zero(shards, tmp_path):
     from bertforge.data.loader import masked_label_counts
     counts = torch.as_tensor(masked_label_counts([shards], VOCAB), dtype=torch.float64)
     for mode in ("unigram", "zero"):
-        pretrain(tiny_config(shards, tmp_path / mode, training_steps=1, mlm_bias_init=mode))
+        pretrain(tiny_config(shards, tmp_path / mode, training_steps=1, mlm_bias_init=mode,
+                             save_initial_checkpoint=True))
         bias = load_file(tmp_path / mode / "step_0" / "model.safetensors")["cls.predictions.bias"]
         expected = ((counts + 1) / (counts + 1).sum()).log().float() if mode == "unigram" \
             else torch.zeros(VOCAB)

@@ -38,7 +38,7 @@ def test_continue_pretraining_a_hugging_face_encoder(sample_shards, tmp_path, mi
     result = pretrain(tiny_config(
         sample_shards[128], tmp_path / "run", sequence_length=128, mask_tokens=20,
         vocab_size=30522, micro_batch_size=2, gradient_accumulation=1, training_steps=2,
-        checkpoint_input_dir=str(source)))
+        checkpoint_input_dir=str(source), save_initial_checkpoint=True))
     start = load_file(tmp_path / "run" / "step_0" / "model.safetensors")
     original = load_file(source / "model.safetensors")
     # its shape and its encoder weights, not the preset's fresh model
@@ -78,7 +78,7 @@ def test_phase_2_starts_from_phase_1_with_a_fresh_optimizer(sample_shards, tmp_p
     phase2 = pretrain(tiny_config(
         sample_shards[128], tmp_path / "phase2", sequence_length=128, mask_tokens=20,
         training_steps=4, lr_schedule="linear", lr_warmup=0.5, learning_rate=1e-3,
-        checkpoint_input_dir=str(tmp_path / "phase1"), **shape))
+        checkpoint_input_dir=str(tmp_path / "phase1"), save_initial_checkpoint=True, **shape))
     end1 = load_file(phase1.final_checkpoint / "model.safetensors")
     start2 = load_file(tmp_path / "phase2" / "step_0" / "model.safetensors")
     assert all(torch.equal(end1[k], start2[k]) for k in end1)  # the phase-1 weights

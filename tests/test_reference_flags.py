@@ -38,7 +38,8 @@ def test_profile_dir_writes_a_chrome_trace_of_steps_3_to_5(shards, tmp_path):
 
 def test_wandb_param_steps_logs_parameter_and_gradient_statistics(shards, tmp_path):
     run = tmp_path / "run"
-    result = pretrain(tiny_config(shards, run, training_steps=5, wandb_param_steps=2))
+    result = pretrain(tiny_config(shards, run, training_steps=5, wandb_param_steps=2,
+                                  save_initial_checkpoint=True))
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     params = [l for l in lines if l["split"] == "params"]
     assert [l["step"] for l in params] == [0, 2, 4]

@@ -39,7 +39,8 @@ def test_a_nan_loss_stops_the_run_and_saves_no_broken_checkpoint(shards, tmp_pat
     with pytest.raises(ValueError, match=r"step 0: loss nan.*training diverged.*"
                                          r"--learning-rate.*--max-grad-norm"):
         pretrain(tiny_config(shards, tmp_path / "bad", training_steps=4, checkpoint_steps=2,
-                             checkpoint_input_dir=str(tmp_path / "good" / "step_1")))
+                             checkpoint_input_dir=str(tmp_path / "good" / "step_1"),
+                             save_initial_checkpoint=True))
     assert _steps(tmp_path / "bad") == ["step_0"]  # nothing after the divergence
 
 
@@ -130,14 +131,14 @@ def test_a_crash_before_the_first_real_checkpoint_does_not_block_a_rerun(shards,
     with monkeypatch.context() as patch:
         patch.setattr(Engine, "train_step", out_of_memory)
         with pytest.raises(RuntimeError, match="out of memory"):
-            pretrain(tiny_config(shards, run, training_steps=2))
+            pretrain(tiny_config(shards, run, training_steps=2, save_initial_checkpoint=True))
     assert _steps(run) == ["step_0"]
     assert pretrain(tiny_config(shards, run, training_steps=2)).steps == 2
 
 
 def test_killed_saves_leave_nothing_half_done(shards, tmp_path):
     run = tmp_path / "run"
-    pretrain(tiny_config(shards, run, training_steps=2))
+    pretrain(tiny_config(shards, run, training_steps=2, save_initial_checkpoint=True))
     (run / ".tmp-step_3-999").mkdir()  # a save killed while writing
     (run / "step_2").rename(run / ".old-step_2-999")  # killed between moving aside and renaming
     (run / "step_2").mkdir()

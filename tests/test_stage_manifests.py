@@ -136,29 +136,59 @@ def test_a_new_shard_count_leaves_no_shard_of_the_earlier_run(tmp_path):
     assert sorted(f.name for f in out.glob("packed-*.tfrecord")) == ["packed-00000-of-00001.tfrecord"]
     assert sum(1 for _ in iter_records(out / "packed-00000-of-00001.tfrecord")) \
         == len(_records(out, "packed"))
-    shuffle_files(inputs, out, num_shards=3, workers=1)
-    shuffle_files(inputs, out, num_shards=2, workers=1)
-    assert len(_records(out, "shuffled")) == 300  # the README's glob reads one run only
-    assert not [f for f in out.iterdir() if "-of-00003" in f.name]
+    shuffled = tmp_path / "shuffled"
+    shuffle_files(inputs, shuffled, num_shards=3, workers=1)
+    shuffle_files(inputs, shuffled, num_shards=2, workers=1)
+    assert len(_records(shuffled, "shuffled")) == 300  # the README's glob reads one run only
+    assert not [f for f in shuffled.iterdir() if "-of-00003" in f.name]
+
+
+def test_one_folder_one_stage_and_one_run_at_a_time(tmp_path):
+    """Another stage's shards in the folder, or a run still writing there: refused, nothing
+    deleted (a glob would read both stages; two runs would delete each other's files)."""
+    import subprocess
+    import sys
+    inputs = _inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    _pack(inputs, out, packs_per_shard=1000)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match=r"holds `bertforge pack` output .*give `bertforge "
+                                         r"shuffle` its own output folder"):
+        shuffle_files(inputs, out, num_shards=2, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == before
+    holder = subprocess.Popen(  # a run in progress: holds the folder's lock
+        [sys.executable, "-c", "import sys, time; from bertforge.data import stage; "
+         "p = __import__('pathlib').Path(sys.argv[1]); stage._lock(p); stage._claim(p, 'shuffle'); "
+         "print('held', "
+         "flush=True); time.sleep(60)", str(tmp_path / "busy")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(ValueError, match=r"busy is being written by `bertforge shuffle` "
+                                             r"\(pid \d+\); wait for it to end"):
+            shuffle_files(inputs, tmp_path / "busy", num_shards=2, workers=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    shuffle_files(inputs, tmp_path / "busy", num_shards=2, workers=1)  # its lock died with it
 
 
 # ---------------------------------------------------------------- leftovers of killed runs
 def test_spills_and_temporaries_of_killed_runs_are_removed(tmp_path):
     inputs = _inputs(tmp_path / "in")
-    out = tmp_path / "out"
+    out, shuffled = tmp_path / "out", tmp_path / "shuffled"
     leftovers = [out / ".packed-00000-of-00007.tfrecord.tmp-99999",
                  out / ".packed-00000-of-00007.index.tmp-99999",
-                 out / ".shuffled-00001-of-00002.tfrecord.tmp-4242",
-                 out / SPILL_DIR / "00000.records", out / ".shuffle-spill" / "shard-00000.spill"]
+                 shuffled / ".shuffled-00001-of-00002.tfrecord.tmp-4242",
+                 out / SPILL_DIR / "00000.records", shuffled / ".shuffle-spill" / "shard-00000.spill"]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"junk")
     keep = out / ".notes.txt.tmp-1"  # not ours: kept
     keep.write_text("mine")
     _pack(inputs, out)
-    shuffle_files(inputs, out, num_shards=2, workers=1)
+    shuffle_files(inputs, shuffled, num_shards=2, workers=1)
     assert [p for p in leftovers if p.exists()] == []
-    assert not (out / SPILL_DIR).exists() and not (out / ".shuffle-spill").exists()
+    assert not (out / SPILL_DIR).exists() and not (shuffled / ".shuffle-spill").exists()
     assert keep.exists()
 
 

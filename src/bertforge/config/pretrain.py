@@ -228,6 +228,12 @@ class CheckpointSection(Section):
     resume_training_from_checkpoint: bool = opt(
         False, "also restore optimizer, schedule, scaler, RNG and data position from "
         "--checkpoint-input-dir (not only the weights)")
+    save_initial_checkpoint: bool = opt(
+        False, "also save step_0, the weights before the first update, as the reference always "
+        "did (a full checkpoint: GBs for BERT-large)")
+    keep_last_checkpoints: int | None = opt(
+        None, "keep only the newest N step_N checkpoints of the run, deleting older ones after "
+        "each save (none: keep all)", ge=1)
 
     def check(self) -> None:
         if self.checkpoint_steps is None:

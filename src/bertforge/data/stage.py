@@ -14,6 +14,10 @@ and what the records are (`data`: sequence length, mask slots, packing, the toke
 `describe` reads it back for a consumer (pre-training) in one call.
 
 The life of a run (`begin` ... `StageRun.finish`):
+- the run takes the folder's lock (`.bertforge.lock`, flock: released when the run ends or
+  its process dies); a second run into the same folder stops with the first one's name, and a
+  folder holding another stage's outputs is refused (one stage per folder: a glob over it
+  would read both);
 - complete = the manifest's settings and input fingerprints equal this run's and every
   output exists with its recorded size; then the stored summary is returned, nothing runs;
 - otherwise, before anything is written: the old manifest goes first (a run killed from here
@@ -27,6 +31,7 @@ and one read of each upstream manifest.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -172,6 +177,7 @@ class StageRun:
                     "summary": summary.as_dict()}
         with atomic_output(manifest_path(self.output_dir, self.stage)) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1))
+        _unlock(self.output_dir)
 
 
 def _complete(manifest: dict | None, output_dir: Path, stage: str, params: dict,
@@ -191,6 +197,61 @@ def _complete(manifest: dict | None, output_dir: Path, stage: str, params: dict,
     return True
 
 
+# Output folders this process writes into -> the descriptor holding their lock. flock locks
+# go with the process: a killed run leaves no stale lock (and its forked workers share it).
+_LOCKS: dict[Path, int] = {}
+LOCK_NAME = ".bertforge.lock"
+
+
+def _lock(output_dir: Path) -> None:
+    """Take the folder's lock, or stop: two runs writing one folder would delete each other's
+    spill and outputs."""
+    key = output_dir.resolve()
+    if key in _LOCKS:  # this process's own earlier run (a library caller after a failure)
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = lock.read_text(errors="replace").strip() or "another process"
+        raise ValueError(f"{output_dir} is being written by {holder}; wait for it to end, or "
+                         "give this run another output folder") from None
+    _LOCKS[key] = fd
+
+
+def _claim(output_dir: Path, stage: str) -> None:
+    """Name the lock's holder, for the error another run gets (only once this run writes: a
+    complete re-run leaves every file of the folder untouched)."""
+    fd = _LOCKS[output_dir.resolve()]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"`bertforge {stage}` (pid {os.getpid()})".encode(), 0)
+
+
+def _unlock(output_dir: Path) -> None:
+    fd = _LOCKS.pop(output_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _refuse_other_stages(output_dir: Path, stage: str) -> None:
+    """A folder holds one stage's outputs: tokenize, pack and shuffle shards side by side
+    would all be read by a glob over the folder."""
+    for manifest_file in sorted(output_dir.glob(".bertforge-*.json")):
+        match = _MANIFEST_NAME.fullmatch(manifest_file.name)
+        manifest = _read_manifest(manifest_file)
+        if not match or match.group("stage") == stage or not manifest:
+            continue
+        present = [rel for rel in manifest.get("outputs", {}) if (output_dir / rel).exists()]
+        if present:
+            _unlock(output_dir)
+            raise ValueError(f"{output_dir} holds `bertforge {match.group('stage')}` output "
+                             f"({present[0]}, ...); give `bertforge {stage}` its own output "
+                             "folder (a glob over this one would read both)")
+
+
 def begin(output_dir: str | Path, stage: str, params: dict[str, Any],
           inputs: Iterable[str | Path], *, outputs: str, scratch: Iterable[str] = (),
           nested: bool = False) -> StageRun:
@@ -205,14 +266,17 @@ def begin(output_dir: str | Path, stage: str, params: dict[str, Any],
     fingerprints = fingerprint(inputs)
     run = StageRun(output_dir, stage, params, fingerprints)
     path = manifest_path(output_dir, stage)
+    _lock(output_dir)
     manifest = _read_manifest(path)
     if _complete(manifest, output_dir, stage, params, fingerprints):
         stored = manifest["summary"]
         run.done = Summary(stored.get("stage", stage) + " (already complete)")
         run.done.counts.update(stored.get("counts", {}))
         run.done.skipped.update(stored.get("skipped", {}))
+        _unlock(output_dir)
         return run
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_other_stages(output_dir, stage)
+    _claim(output_dir, stage)
     path.unlink(missing_ok=True)  # first: from here on the folder never looks complete
     own = re.compile(outputs)
     old = [output_dir / rel for rel in (manifest or {}).get("outputs", {})

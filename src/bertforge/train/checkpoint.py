@@ -52,6 +52,18 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def prune_steps(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete steps of a run (--keep-last-checkpoints);
+    the deleted paths. Each is renamed to a temporary name first, so a kill half-way through
+    the deletion leaves no step that looks complete but is not (clean_leftovers removes it)."""
+    doomed = step_dirs(run_dir)[:-keep]
+    for step_dir in doomed:
+        trash = run_dir / f".tmp-{step_dir.name}-pruned"
+        os.replace(step_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
 def clean_leftovers(run_dir: Path) -> None:
     """Temporary folders of killed saves removed; a step moved aside by a save that was
     killed before its replacement arrived is put back."""

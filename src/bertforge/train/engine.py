@@ -37,6 +37,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,9 @@ from bertforge.model.attention import check_varlen
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, sync_gradients,
                                          wrap_model)
-from bertforge.train.metrics import MetricsLogger, format_step_line, parameter_statistics
+from bertforge.train.longrun import Eta, StopRequests, startup_summary
+from bertforge.train.metrics import (MetricsLogger, format_duration, format_step_line,
+                                     parameter_statistics)
 from bertforge.train.optim import build_optimizer
 from bertforge.train.precision import Precision
 from bertforge.train.runtime import configure_compile_cache, default_run_dir, seed_everything
@@ -162,6 +166,10 @@ class Engine:
             path = ckpt.save_checkpoint(self.run_dir, step, self.model, state, self.cfg.to_dict(),
                                         tokenizer_dir=self.tokenizer_dir)
             log.info("saved checkpoint %s", path)
+            keep = self.cfg.checkpoint.keep_last_checkpoints
+            if keep:
+                for old in ckpt.prune_steps(self.run_dir, keep):
+                    log.info("deleted %s (--keep-last-checkpoints %d)", old, keep)
         barrier(self.ctx)
         self.last_checkpoint = path
         return path
@@ -251,13 +259,16 @@ class Engine:
         batches = task.step_batches(self, start_step, consumed)
         if self.state is not None:
             ckpt.set_rng_state(self.state["rng"])  # after building everything that draws
-        if start_step == 0 and task.checkpoint_at_start:
+        if ctx.is_main:
+            for line in startup_summary(cfg, self.model, ctx, task.name, start_step, steps,
+                                        task.summary_lines(self)):
+                log.info(line)
+        if start_step == 0 and cfg.checkpoint.save_initial_checkpoint:
             self.save(0, consumed, metrics)
         # Wall clock since the run began (evaluations and checkpoints included, as MLPerf counts
         # time to train) and time in training steps alone; a resumed run continues both.
         clock = _Clock(metrics.get("wall_s", 0.0), metrics.get("train_s", 0.0),
                        metrics.get("samples", 0.0))
-        saved_step = None  # the step of the last periodic checkpoint
         self.skipped_steps = int(metrics.get("skipped_steps", 0))
         from bertforge.progress import bars_enabled, progress
         # A bar on a terminal, else (a log file, --disable-progress-bar) the step line.
@@ -266,51 +277,63 @@ class Engine:
                        disable=not use_bar)
         bar.update(start_step)
         self.model.train()
-        done = start_step
+        done, saved_step = start_step, None  # saved_step: the last periodic checkpoint
         profiler = self._start_profiler()
-        for step in bar:
-            begin = time.perf_counter()
-            micro = next(batches)
-            stats_every = t.wandb_param_steps
-            param_stats = {} if stats_every and step % stats_every == 0 and ctx.is_main else None
-            try:
-                metrics = self.train_step(micro, param_stats)
-            except Diverged as err:
-                kept = self.last_checkpoint or "none was saved"
-                raise ValueError(
-                    f"step {step}: {err}: training diverged; the weights were not updated and "
-                    f"no checkpoint is written (the last good one: {kept}). Try a lower "
-                    "--learning-rate or a longer --lr-warmup, --max-grad-norm 1.0, or --precision "
-                    "bf16 (fp16 needs --auto-loss-scaling)") from None
-            consumed += len(micro)
-            elapsed = time.perf_counter() - begin
-            # "sequences": this step's (task metric); "samples": since the run began (clock).
-            metrics["samples_per_s"] = metrics["sequences"] / elapsed
-            if "real_tokens" in metrics:
-                metrics["real_tokens_per_s"] = metrics["real_tokens"] / elapsed
-            metrics.update(clock.step(elapsed, metrics["sequences"]))
-            result.history.append(metrics)
-            if ctx.is_main:
-                logger.log(step, metrics)
-                if not use_bar:
-                    print(format_step_line(step, steps, metrics, task.step_fields(metrics)),
-                          flush=True)
-                else:
-                    bar.set_postfix(**task.step_fields(metrics, short=True),
-                                    sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
-                if param_stats is not None:
-                    logger.log(step, param_stats, prefix="params")
-            if profiler is not None:
-                profiler.step()
-            done = step + 1
-            every = cfg.checkpoint.checkpoint_steps
-            if every and done % every == 0 and done < steps:
-                result.final_checkpoint, saved_step = self.save(done, consumed, metrics), done
-            if task.eval_every and done % task.eval_every == 0 and done < steps:
-                ev = self._evaluate(done, clock, logger)
-                if ev is not None and task.target_met(ev):
-                    result.target_reached = self._report_target(done, ev)
-                    break
+        eta = Eta(start_step, steps)
+        with StopRequests(ctx) as stop:
+            for step in bar:
+                begin = time.perf_counter()
+                micro = next(batches)
+                stats_every = t.wandb_param_steps
+                param_stats = {} if stats_every and step % stats_every == 0 and ctx.is_main \
+                    else None
+                try:
+                    metrics = self.train_step(micro, param_stats)
+                except Diverged as err:
+                    kept = self.last_checkpoint or "none was saved"
+                    raise ValueError(
+                        f"step {step}: {err}: training diverged; the weights were not updated "
+                        f"and no checkpoint is written (the last good one: {kept}). Try a lower "
+                        "--learning-rate or a longer --lr-warmup, --max-grad-norm 1.0, or "
+                        "--precision bf16 (fp16 needs --auto-loss-scaling)") from None
+                consumed += len(micro)
+                elapsed = time.perf_counter() - begin
+                done = step + 1
+                # "sequences": this step's (task metric); "samples": since the run began.
+                metrics["samples_per_s"] = metrics["sequences"] / elapsed
+                if "real_tokens" in metrics:
+                    metrics["real_tokens_per_s"] = metrics["real_tokens"] / elapsed
+                metrics.update(clock.step(elapsed, metrics["sequences"]))
+                left = eta.seconds(done)
+                if left is not None:
+                    metrics["eta_s"] = left
+                result.history.append(metrics)
+                if ctx.is_main:
+                    logger.log(step, metrics)
+                    if not use_bar:
+                        print(format_step_line(step, steps, metrics, task.step_fields(metrics)),
+                              flush=True)
+                    else:
+                        bar.set_postfix(**task.step_fields(metrics, short=True),
+                                        sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
+                    if param_stats is not None:
+                        logger.log(step, param_stats, prefix="params")
+                    if done == start_step + 1 and done < steps:
+                        log.info("%s: step %d took %.1f s: about %s for the %d steps left (the "
+                                 "step line's ETA follows the average)", task.name, step,
+                                 elapsed, format_duration(left), steps - done)
+                if profiler is not None:
+                    profiler.step()
+                every = cfg.checkpoint.checkpoint_steps
+                if every and done % every == 0 and done < steps:
+                    result.final_checkpoint, saved_step = self.save(done, consumed, metrics), done
+                if done < steps and (signum := stop.requested()):
+                    self._stop_for_signal(signum, done, consumed, metrics, saved_step)
+                if task.eval_every and done % task.eval_every == 0 and done < steps:
+                    ev = self._evaluate(done, clock, logger)
+                    if ev is not None and task.target_met(ev):
+                        result.target_reached = self._report_target(done, ev)
+                        break
         if profiler is not None:
             profiler.stop()  # writes the trace if the run ended inside the profiled steps
         result.steps = done
@@ -328,6 +351,18 @@ class Engine:
                 print(f"target {name} {value} not reached in {done} steps: held-out {name} "
                       f"{result.eval[name]:.4f}", flush=True)
         return result
+
+    def _stop_for_signal(self, signum: int, done: int, consumed: int,
+                         metrics: dict[str, float], saved_step: int | None) -> None:
+        """SIGTERM/SIGUSR1 arrived (train/longrun.py): checkpoint this step, say how to go on,
+        exit with 128 + the signal number."""
+        path = self.last_checkpoint if saved_step == done else self.save(done, consumed, metrics)
+        if self.ctx.is_main:
+            name = signal.Signals(signum).name
+            print(f"{self.task.name}: stopped by {name} after step {done}; checkpoint {path}. "
+                  f"To continue, run the same command with --checkpoint-input-dir {self.run_dir} "
+                  "--resume-training-from-checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
     def _start_profiler(self) -> torch.profiler.profile | None:
         """A started torch.profiler for --profile-dir (module docstring), else None."""
@@ -353,7 +388,8 @@ class Engine:
             return None
         t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        return MetricsLogger(self.run_dir, resume=self.state is not None,
+        return MetricsLogger(self.run_dir,
+                             resume_step=None if self.state is None else int(self.state["step"]),
                              wandb_project=t.wandb_project if t.wandb else None,
                              wandb_config=self.cfg.to_dict())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,18 @@ def format_step_line(step: int, total_steps: int, m: dict[str, float],
             + (f" - real tokens/s: {m['real_tokens_per_s']:.0f}" if "real_tokens_per_s" in m
                else "")
             + (f" - wall: {m['wall_s']:.1f} s" if "wall_s" in m else "")
+            + (f" - ETA: {format_duration(m['eta_s'])}" if "eta_s" in m else "")
             + (f" - grad norm: {m['grad_norm']:.3g}" if "grad_norm" in m else "")
             + (f" - loss scale: {m['loss_scale']:g} ({int(m['skipped_steps'])} skipped)"
                if "loss_scale" in m else ""))
+
+
+def format_duration(seconds: float) -> str:
+    """1:02:03, with days in front when longer than one (3d 4:05:06)."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def parameter_statistics(model) -> dict[str, float]:
@@ -61,17 +71,40 @@ def parameter_statistics(model) -> dict[str, float]:
         return dict(zip(names, torch.stack(values).tolist()))
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of steps before `step` (train, params: logged at the step's index) and
+    evaluations up to it (logged after `step` steps, like the checkpoint); written atomically."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        limit = step if record.get("split") == "eval" else step - 1
+        if record.get("step", 0) <= limit:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """JSON lines at `<run>/metrics.jsonl` + TensorBoard events at `<run>/tensorboard`, optional wandb."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb_project: str | None = None,
-                 wandb_config: dict[str, Any] | None = None, resume: bool = False):
+                 wandb_config: dict[str, Any] | None = None, resume_step: int | None = None):
+        """`resume_step`: the run continues from the checkpoint of that step, so what an
+        interrupted attempt logged after it is dropped (metrics.jsonl rewritten, TensorBoard's
+        later events purged) and the log never holds a step twice."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _truncate_log(path, resume_step)
+        self._jsonl = open(path, "a" if resume_step is not None else "w", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
         self._wandb = None
         if wandb_project:
             try:
@@ -81,7 +114,9 @@ class MetricsLogger:
             self._wandb = wandb.init(project=wandb_project, config=wandb_config, dir=str(run_dir))
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
-        record = {"step": step, "split": prefix, **{k: float(v) for k, v in metrics.items()}}
+        # "time": the wall clock (Unix seconds), to line the log up with other logs
+        record = {"step": step, "split": prefix, "time": round(time.time(), 3),
+                  **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for name, value in metrics.items():

@@ -40,7 +40,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
 
 class PretrainTask(Task):
     name = "pretrain"
-    checkpoint_at_start = True  # step_0, as the reference
     resume_keys = (("optim", "optimizer"), ("train", "micro_batch_size"),
                    ("train", "gradient_accumulation"), ("train", "global_batch_size"),
                    ("train", "random_seed"), ("data", "input_files"), ("data", "dataset"),
@@ -177,6 +176,28 @@ class PretrainTask(Task):
                       "mlm_acc": f"{m['mlm_acc']:.3f} %", "nsp_acc": f"{m.get('nsp_acc', 0):.3f} %"}
         return fields if self.nsp else _without_nsp(fields)
 
+    def summary_lines(self, engine: Engine) -> list[str]:
+        d, t = self.cfg.data, self.cfg.train
+        masks = (f"dynamic masks ({d.mask_rate:g} of the tokens"
+                 + (", whole words" if d.whole_word_masking else "") + ")"
+                 if d.masking == "dynamic" else "the shards' static masks")
+        lines = [f"pretrain: {d.objective}, {masks}; sequences of {d.sequence_length} tokens: "
+                 f"up to {t.global_batch_size * d.sequence_length:,} tokens per step"]
+        if d.dataset == "pretraining" and not d.synthetic_data:
+            from bertforge.data.loader import expand_files
+            from bertforge.data.tfrecord import read_index
+            files = expand_files(d.input_files)
+            rows = sum(len(read_index(f)) for f in files)
+            per_row = t.global_batch_size / (t.micro_batch_size * t.gradient_accumulation
+                                             * engine.ctx.world_size)
+            epochs = t.training_steps * t.micro_batch_size * t.gradient_accumulation \
+                * engine.ctx.world_size / max(1, rows)
+            lines.append(f"pretrain: data: {rows:,} {'packed rows' if d.packed_data else 'records'}"
+                         f" in {len(files)} file{'s' if len(files) > 1 else ''}; "
+                         f"{t.training_steps:,} steps read {epochs:.3g} epochs" + (f" (~{per_row:.2f} sequences per row)"
+                                                   if d.packed_data else ""))
+        return lines
+
     def synthetic_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         d = self.cfg.data
         return to_device(random_batch(self.cfg.train.micro_batch_size, d.sequence_length,
@@ -189,11 +210,13 @@ class PretrainTask(Task):
         d, ctx = self.cfg.data, engine.ctx
         if not d.eval_files:
             return None
+        from bertforge.progress import progress
         sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
-        for batch in eval_batches(d.eval_files, micro_batch_size=self.cfg.train.micro_batch_size,
-                                  rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                                  vocab_size=engine.model.config.vocab_size,
-                                  packed=d.packed_data):
+        batches = eval_batches(d.eval_files, micro_batch_size=self.cfg.train.micro_batch_size,
+                               rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                               vocab_size=engine.model.config.vocab_size, packed=d.packed_data)
+        for batch in progress(batches, desc="eval", unit="batch",
+                              disable=not ctx.is_main or self.cfg.train.disable_progress_bar):
             with engine.precision.autocast():
                 out = engine.model(batch, mlm_normalizer=1.0, nsp_normalizer=1.0)
             sums += torch.stack([out.mlm_loss, out.nsp_loss, out.num_mlm_correct, out.num_masked,

@@ -25,7 +25,6 @@ class Task(ABC):
 
     name = "task"              # progress bar label and default run directory prefix
     trains = True              # False: the run only evaluates an existing model
-    checkpoint_at_start = False  # also save step 0 (pre-training does, as the reference)
     eval_every = 0             # evaluate every N steps during training (0: at the end only)
     target: tuple[str, float] | None = None  # stop once evaluate()[name] >= value
     # Settings (section, field) that a resume must keep: they decide the data order, the
@@ -67,6 +66,10 @@ class Task(ABC):
     def step_fields(self, metrics: dict[str, float], short: bool = False) -> dict[str, str]:
         """The task's part of the step line (label -> value); `short`: the progress bar's."""
         return {"loss": f"{metrics['loss']:.4f}"}
+
+    def summary_lines(self, engine: Engine) -> list[str]:
+        """The task's lines of the start-up summary (train/longrun.py): data, sequence size."""
+        return []
 
     def evaluate(self, engine: Engine) -> dict[str, float] | None:
         """Held-out metrics (all ranks, under no_grad, model in eval mode), or None."""
