@@ -147,3 +147,27 @@ def test_killed_saves_leave_nothing_half_done(shards, tmp_path):
     ckpt.clean_leftovers(run)
     assert _steps(run) == ["step_0", "step_2"] and not list(run.glob(".tmp-*"))
     assert not list(run.glob(".old-*"))
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank(tmp_path):
+    """Rank 0 writes (checkpoints, tokenizer files); when that fails, the other ranks stop
+    too, with a line naming what failed, instead of waiting at a barrier for 30 minutes."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "fail_on_main.py"
+    script.write_text(
+        "from bertforge.train.distributed import init_distributed, on_main, shutdown\n"
+        "ctx = init_distributed('cpu')\n"
+        "def save():\n"
+        "    raise OSError('No space left on device (simulated)')\n"
+        "try:\n"
+        "    on_main(ctx, save, 'saving step 3')\n"
+        "except Exception as err:\n"
+        "    print(f'rank {ctx.rank}: {type(err).__name__}: {err}', flush=True)\n"
+        "shutdown(ctx)\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--standalone", str(script)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "rank 0: OSError: No space left on device (simulated)" in done.stdout, done.stderr
+    assert "rank 1: RuntimeError: saving step 3 failed on rank 0" in done.stdout, done.stderr

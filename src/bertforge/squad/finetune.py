@@ -57,7 +57,7 @@ from bertforge.squad.forward import (QuestionAnsweringRows, pack_windows, predic
                                      run_rows, to_device, window_logits, window_rows)
 from bertforge.squad.metric import evaluate_v1, evaluate_v2
 from bertforge.squad.postprocess import postprocess
-from bertforge.train.distributed import DistContext, barrier, init_distributed, shutdown
+from bertforge.train.distributed import DistContext, init_distributed, on_main, shutdown
 from bertforge.train.engine import Engine, TrainResult
 from bertforge.train.metrics import MetricsLogger
 from bertforge.train.task import Task
@@ -164,14 +164,15 @@ class SquadTask(Task):
         import transformers
 
         cfg, ctx = self.cfg, engine.ctx
-        if ctx.is_main:
+        def tokenizer_files() -> None:
             engine.run_dir.mkdir(parents=True, exist_ok=True)
             target = engine.run_dir / "tokenizer"
             if target.exists() and engine.state is None:
                 shutil.rmtree(target)  # a new run in a reused folder: never an old run's vocab
             if not target.exists():
                 write_tokenizer(target, engine.source, cfg.data.tokenizer)
-        barrier(ctx)
+
+        on_main(ctx, tokenizer_files, "writing the tokenizer files")
         engine.tokenizer_dir = engine.run_dir / "tokenizer"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(engine.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -296,10 +297,11 @@ def squad(cfg: SquadConfig) -> SquadResult:
             if cfg.squad.squad_do_training:
                 engine.train(result, logger)
                 result.summaries.extend(task.summaries)
+            # Rank 0 validates alone; the others end now rather than wait at a barrier that
+            # a long validation would time out (torchrun waits for rank 0 anyway).
             if cfg.squad.squad_do_validation and ctx.is_main:
                 engine.model.eval()
                 task.validate(engine, result, logger)
-            barrier(ctx)
         finally:
             if logger is not None:
                 logger.close()

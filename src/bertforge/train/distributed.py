@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,25 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
-def barrier(ctx: DistContext) -> None:
+def on_main(ctx: DistContext, fn: Callable[[], T], what: str) -> T | None:
+    """Run `fn` on rank 0 alone (writing files), then let every rank go on together, or stop
+    together: when it raised, rank 0 raises its error and the others a one-line error naming
+    `what`, instead of waiting at a barrier until the collective timeout (30 min with NCCL).
+    Returns fn's result on rank 0, None elsewhere. Cost: one one-element all-reduce."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (re-raised below, after telling the others)
+            error = err
     if ctx.is_distributed:
-        dist.barrier()
+        failed = torch.tensor([0.0 if error is None else 1.0], device=ctx.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+        if failed.item() and error is None:
+            raise RuntimeError(f"{what} failed on rank 0; its error is in rank 0's output")
+    if error is not None:
+        raise error
+    return result
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -49,7 +49,7 @@ import torch
 from bertforge.config import flag_name
 from bertforge.model.attention import check_varlen
 from bertforge.train import checkpoint as ckpt
-from bertforge.train.distributed import (DistContext, all_reduce_sum, barrier, sync_gradients,
+from bertforge.train.distributed import (DistContext, all_reduce_sum, on_main, sync_gradients,
                                          wrap_model)
 from bertforge.train.longrun import Eta, StopRequests, startup_summary
 from bertforge.train.metrics import (MetricsLogger, format_duration, format_step_line,
@@ -109,9 +109,7 @@ class Engine:
             self.run_dir = Path(self.source).parent
         else:
             self.run_dir = default_run_dir(cfg.config, recipe=task.name)
-        if ctx.is_main:
-            ckpt.clean_leftovers(self.run_dir)
-        barrier(ctx)
+        on_main(ctx, lambda: ckpt.clean_leftovers(self.run_dir), "cleaning the run folder")
         if task.trains:  # on every rank (it only reads), so all of them stop, none waits
             ckpt.check_run_dir(self.run_dir, Path(self.source) if self.state else None)
         if self.state is not None:
@@ -155,23 +153,27 @@ class Engine:
 
     def save(self, step: int, consumed_batches: int, metrics: dict[str, float]) -> Path | None:
         """Checkpoint `step` (rank 0 writes, every rank waits); its path on rank 0."""
-        path = None
-        if self.ctx.is_main:
-            state = {"step": step, "consumed_batches": consumed_batches,
-                     "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(),
-                     "precision": self.precision.state_dict(),
-                     "rng": ckpt.rng_state(), "metrics": metrics,
-                     "world_size": self.ctx.world_size}
-            path = ckpt.save_checkpoint(self.run_dir, step, self.model, state, self.cfg.to_dict(),
-                                        tokenizer_dir=self.tokenizer_dir)
-            log.info("saved checkpoint %s", path)
-            keep = self.cfg.checkpoint.keep_last_checkpoints
-            if keep:
-                for old in ckpt.prune_steps(self.run_dir, keep):
-                    log.info("deleted %s (--keep-last-checkpoints %d)", old, keep)
-        barrier(self.ctx)
+        path = on_main(self.ctx, lambda: self._write_checkpoint(step, consumed_batches, metrics),
+                       f"saving step {step}")
         self.last_checkpoint = path
+        return path
+
+    def _write_checkpoint(self, step: int, consumed_batches: int, metrics: dict[str, float]
+                          ) -> Path:
+        """Rank 0's part of `save`: the step directory, then --keep-last-checkpoints."""
+        state = {"step": step, "consumed_batches": consumed_batches,
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "precision": self.precision.state_dict(),
+                 "rng": ckpt.rng_state(), "metrics": metrics,
+                 "world_size": self.ctx.world_size}
+        path = ckpt.save_checkpoint(self.run_dir, step, self.model, state, self.cfg.to_dict(),
+                                    tokenizer_dir=self.tokenizer_dir)
+        log.info("saved checkpoint %s", path)
+        keep = self.cfg.checkpoint.keep_last_checkpoints
+        if keep:
+            for old in ckpt.prune_steps(self.run_dir, keep):
+                log.info("deleted %s (--keep-last-checkpoints %d)", old, keep)
         return path
 
     # ------------------------------------------------------------ one step
@@ -232,6 +234,9 @@ class Engine:
         self.scheduler = build_scheduler(self.optimizer, o.lr_schedule, o.lr_warmup, steps)
         self.ddp_model = wrap_model(self.task.training_module(self.model), self.ctx)
         self.forward = torch.compile(self.ddp_model) if self.cfg.train.compile else self.ddp_model
+        if self.cfg.train.compile and self.ctx.device.type == "cpu" and self.ctx.is_main:
+            log.warning("--compile on a CPU: measured 0.82x eager for demo_tiny_128 plus 6-20 s "
+                        "of compilation (docs/benchmarks.md); it pays on GPUs")
 
     # ------------------------------------------------------------ the run
     def train(self, result: TrainResult, logger: MetricsLogger | None) -> TrainResult:
