@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -297,14 +298,20 @@ def squad(cfg: SquadConfig) -> SquadResult:
             if cfg.squad.squad_do_training:
                 engine.train(result, logger)
                 result.summaries.extend(task.summaries)
-            # Rank 0 validates alone; the others end now rather than wait at a barrier that
-            # a long validation would time out (torchrun waits for rank 0 anyway).
-            if cfg.squad.squad_do_validation and ctx.is_main:
+            # Rank 0 validates alone while the others wait for it, so that every rank shuts
+            # the process group down together (a rank that left early hung gloo's teardown
+            # in CI); a failed validation stops them all. The wait is bounded by the process
+            # group's timeout (30 min by default): a longer validation needs more ranks'
+            # share of the work, which is not built yet.
+            def validate() -> None:
                 engine.model.eval()
                 task.validate(engine, result, logger)
+
+            if cfg.squad.squad_do_validation:
+                on_main(ctx, validate, "SQuAD validation")
         finally:
             if logger is not None:
                 logger.close()
         return result
     finally:
-        shutdown(ctx)
+        shutdown(ctx, together=sys.exc_info()[0] is None)  # no exception on this rank

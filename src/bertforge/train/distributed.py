@@ -102,6 +102,17 @@ def on_main(ctx: DistContext, fn: Callable[[], T], what: str) -> T | None:
     return result
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, together: bool = True) -> None:
+    """Leave the process group; `together` (the run ended normally on every rank) after a
+    barrier. Not after a failure: a rank that failed alone would wait there for ranks that
+    are stuck in another collective, instead of exiting so that torchrun stops them. The
+    barrier: gloo's worker thread frees each
+    finished collective's tensors after the caller has moved on, and freeing a tensor made in
+    Python needs the GIL; if the group is destroyed meanwhile (DDP's reducer dropping the last
+    reference), its destructor joins that thread while holding the GIL: a deadlock (seen with
+    an all_reduce of a Python-made flag as the last collective). A barrier's work holds no
+    Python tensor, and the thread frees earlier works before it runs the barrier."""
     if ctx.is_distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

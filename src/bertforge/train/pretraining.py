@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -389,4 +390,4 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
             if logger is not None:
                 logger.close()
     finally:
-        shutdown(ctx)
+        shutdown(ctx, together=sys.exc_info()[0] is None)  # no exception on this rank
