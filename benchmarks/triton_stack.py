@@ -5,7 +5,8 @@ the stock Triton + ONNX Runtime stack without Docker.
 The stock container serves the repository with Triton's C++ onnxruntime backend, which is not
 on PyPI. PyTriton's tritonserver (2.51) has only the python backend, and Triton loads
 Python-based backends: `backend_directory` lays out backends/python (PyTriton's, with the stub
-of the running Python) beside backends/onnxruntime holding onnxruntime_backend/model.py, a
+of the running Python, as `bertforge serve` does) beside backends/onnxruntime holding
+onnxruntime_backend/model.py, a
 stand-in that runs model.onnx with onnxruntime. Triton itself parses and validates the
 repository's config.pbtxt (platform "onnxruntime_onnx" picks the stand-in), runs the dynamic
 batcher and answers HTTP/gRPC; only the backend differs from the container. Used by
@@ -16,31 +17,21 @@ answers) and benchmarks/bench_serve.py --onnxruntime (Triton + ONNX Runtime besi
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
+
+from bertforge.serve.tritonserver import distribution, environment, python_backend
 
 STAND_IN = Path(__file__).with_name("onnxruntime_backend") / "model.py"
 
 
 def backend_directory(path: Path) -> Path:
-    """Create `path` with backends/python and backends/onnxruntime; return it. Copies (3 MB),
-    not links: tritonserver refuses a backend library whose real path leaves the directory."""
-    import pytriton
-    dist = Path(pytriton.__file__).parent / "tritonserver"
-    python = path / "python"
-    shutil.copytree(dist / "backends" / "python", python,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():
-        raise ValueError(f"PyTriton ships no python backend stub for Python {version}")
-    shutil.copy(stub, python)
+    """Create `path` with backends/python (as `bertforge serve` lays it out,
+    bertforge.serve.tritonserver) and backends/onnxruntime holding the stand-in; return it."""
+    python_backend(path)
     (path / "onnxruntime").mkdir()
     shutil.copy(STAND_IN, path / "onnxruntime" / "model.py")
     return path
@@ -59,16 +50,10 @@ def free_ports(n: int) -> list[int]:
 def start_tritonserver(repository: Path, backends: Path, log: Path
                        ) -> tuple[subprocess.Popen, str, str]:
     """tritonserver on free loopback ports, output to `log`; (process, gRPC url, HTTP url)."""
-    import pytriton
-    from pytriton.utils.distribution import get_libs_path
     http, grpc, metrics = free_ports(3)
-    env = dict(os.environ)
-    # The stub links libpython (this interpreter's LIBDIR) and finds this environment's
-    # packages through `python` on PATH, as PyTriton arranges it for its own models.
-    env["LD_LIBRARY_PATH"] = ":".join(str(p) for p in (
-        sysconfig.get_config_var("LIBDIR"), get_libs_path(), env.get("LD_LIBRARY_PATH")) if p)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
+    # The stub's environment (LIBDIR, PATH) as `bertforge serve` sets it up.
+    env = environment()
+    binary = distribution() / "bin" / "tritonserver"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(binary), "--model-repository", str(repository),

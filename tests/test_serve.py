@@ -1,17 +1,23 @@
-"""`bertforge serve` end to end: a real Triton server (PyTriton) on free loopback ports, queried
-over HTTP and gRPC with tritonclient and compared with the same model run in process; bad
-requests; `serve-bench`'s reply checking; SIGTERM leaving no process behind.
+"""`bertforge serve` end to end: a real tritonserver (the one PyTriton bundles, python backend)
+on free loopback ports, queried over HTTP and gRPC with tritonclient and compared with the
+same model run in process; bad requests answered alone (400 / INVALID_ARGUMENT, one line)
+while concurrent good ones in the same dynamic batches succeed; the request limits;
+readiness only with both models loaded; a taken port; tritonserver dying; `serve-bench`'s
+reply checking; SIGTERM/SIGINT leaving no process behind.
 
-One server for the module (~8 s to start and ~6 s to stop on 2 cores); a tiny random QA model
-(hidden 64, 2 layers) with S = 64 so contexts span several windows.
+One server for the module (~5 s to start on 2 cores), a few more for the lifecycle tests; a
+tiny random QA model (hidden 64, 2 layers) with S = 64 so contexts span several windows.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +40,9 @@ from bertforge.serve.server import ServeConfig, build_engine  # noqa: E402
 
 S = 64
 WINDOW_FLAGS = ["--sequence-length", str(S), "--max-query-length", "16", "--doc-stride", "16"]
+MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS = 5000, 200
+LIMIT_FLAGS = ["--max-context-chars", str(MAX_CONTEXT_CHARS),
+               "--max-question-chars", str(MAX_QUESTION_CHARS)]
 CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to "
            "Normandy, a region in France. They were descended from Norse raiders and pirates "
            "from Denmark, Iceland and Norway who, under their leader Rollo, agreed to swear "
@@ -63,21 +72,25 @@ def start_server(qa_dir: Path, log: Path) -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(qa_dir),
              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--max-batch-size", "8", *WINDOW_FLAGS], stdout=out, stderr=subprocess.STDOUT)
+             "--max-batch-size", "8", *WINDOW_FLAGS, *LIMIT_FLAGS], stdout=out,
+            stderr=subprocess.STDOUT)
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
     deadline = time.monotonic() + 90
     try:
         while True:
             try:
-                if client.is_server_ready() and all(client.is_model_ready(m)
-                                                    for m in ("bert", "bert_qa")):
-                    break
+                server_ready = client.is_server_ready()
             except Exception:  # noqa: BLE001 - not listening yet
-                pass
+                server_ready = False
+            if server_ready:
+                # Readiness means both models loaded, from the first moment it is reported.
+                assert all(client.is_model_ready(m) for m in ("bert", "bert_qa"))
+                if "serve: models bert, bert_qa" in log.read_text():  # serve saw it too
+                    break
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"server did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+            time.sleep(0.05)
     finally:
         client.close()
     return {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "proc": proc, "log": log}
@@ -158,6 +171,16 @@ def test_bert_qa_matches_in_process(server, engine, protocol):
     client.close()
 
 
+def assert_client_error(err: InferenceServerException, protocol: str, text: str) -> None:
+    """HTTP 400 / gRPC INVALID_ARGUMENT with one line naming the problem: no traceback, no
+    install paths."""
+    assert str(err.status()) == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT")
+    message = err.message()
+    assert text in message, message
+    assert "\n" not in message and "Traceback" not in message and "/" not in message, message
+    assert len(message) < 200, message
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_requests_get_errors_and_server_keeps_serving(server, engine, protocol):
     module, client = _client(server, protocol)
@@ -174,16 +197,113 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server, engine, protoc
         "empty context": ("bert_qa", _qa_inputs(module, [b"Who?"], [b"   "])),
         "invalid UTF-8": ("bert_qa", _qa_inputs(module, [b"Who?"], [b"\xff\xfe Rollo"])),
     }
+    content_errors = {"token id outside the vocab": "input_ids must lie in",
+                      "empty context": "context of row 0 is empty",
+                      "invalid UTF-8": "context of row 0 is not valid UTF-8"}
     for case, (model, inputs) in bad.items():
         with pytest.raises(InferenceServerException) as caught:
             client.infer(model, inputs)
             pytest.fail(f"{case}: no error")
-        if case == "token id outside the vocab":  # 2 rows executed together: both told so
-            assert "input_ids must lie in" in str(caught.value)
-            assert "resend the valid ones" in str(caught.value)
+        if case in content_errors:  # checked by the model: a client error, one plain line
+            assert_client_error(caught.value, protocol, content_errors[case])
     reply = client.infer("bert", _bert_inputs(module, rows))  # still serving, still right
     start, _ = engine.logits(rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
     np.testing.assert_allclose(reply.as_numpy("start_logits"), start, rtol=1e-4, atol=1e-5)
+    client.close()
+
+
+def _statistics(server) -> tuple[int, int]:
+    """(rows, executions) of `bert` so far."""
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    stats = client.get_inference_statistics("bert").model_stats[0]
+    client.close()
+    return stats.inference_count, stats.execution_count
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_bad_client_fails_alone_while_good_clients_in_its_batches_succeed(server, engine,
+                                                                            protocol):
+    """4 good clients and 1 bad one (a token id outside the vocab) send at once, so the
+    dynamic batcher merges their requests: each bad request gets its own one-line 400 /
+    INVALID_ARGUMENT, every good one its right logits."""
+    module, client = _client(server, protocol)
+    rows = synthetic_rows(4, S, engine.vocab_size, seed=11)
+    want = engine.padded_logits(rows["input_ids"], rows["attention_mask"],
+                                rows["token_type_ids"])
+    bad = {k: v[:1].copy() for k, v in rows.items()}
+    bad["input_ids"][0, 2] = engine.vocab_size + 1
+    before = _statistics(server)
+    rounds = 15
+    results: dict[tuple[int, int], object] = {}
+    done = threading.Semaphore(0)
+
+    def on_reply(result, error, key):
+        results[key] = error if error is not None else result
+        done.release()
+
+    def payload(c):  # client c < 0 is the bad one; good client c sends row c
+        return bad if c < 0 else {k: v[c:c + 1] for k, v in rows.items()}
+
+    if protocol == "grpc":  # async: the five requests of a round in flight within 2 ms
+        for r in range(rounds):
+            for c in (0, 1, -1, 2, 3):
+                client.async_infer("bert", _bert_inputs(module, payload(c)),
+                                   callback=lambda result, error, key=(r, c): on_reply(
+                                       result, error, key))
+    else:  # one thread and connection per client, sync requests
+
+        def run_client(c):
+            own = module.InferenceServerClient(server[protocol])
+            for r in range(rounds):
+                try:
+                    on_reply(own.infer("bert", _bert_inputs(module, payload(c))), None, (r, c))
+                except InferenceServerException as err:
+                    on_reply(None, err, (r, c))
+            own.close()
+
+        threads = [threading.Thread(target=run_client, args=(c,)) for c in (-1, 0, 1, 2, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    for _ in range(rounds * 5):
+        assert done.acquire(timeout=60), "a reply did not come back"
+    for (r, c), reply in results.items():
+        if c < 0:
+            assert isinstance(reply, InferenceServerException), reply
+            assert_client_error(reply, protocol, "input_ids must lie in")
+        else:
+            assert not isinstance(reply, InferenceServerException), reply
+            np.testing.assert_allclose(reply.as_numpy("start_logits")[0], want[0][c],
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(reply.as_numpy("end_logits")[0], want[1][c],
+                                       rtol=1e-4, atol=1e-5)
+    after = _statistics(server)
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    assert requests >= rounds * 4  # the good rows (a failed request may or may not count)
+    assert executions < requests, "no requests were batched together"
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bert_qa_limits_fail_only_their_request(server, engine, protocol):
+    module, client = _client(server, protocol)
+    question = "Who was the leader of the Norse raiders?"
+    good = _qa_inputs(module, [question.encode()], [CONTEXT.encode()])
+    long_context = ("word " * (MAX_CONTEXT_CHARS // 5 + 1)).encode()
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("bert_qa", _qa_inputs(module, [b"Who?"], [long_context]))
+    assert_client_error(caught.value, protocol, "--max-context-chars")
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("bert_qa", _qa_inputs(module, [b"Who " * MAX_QUESTION_CHARS], [b"Rollo."]))
+    assert_client_error(caught.value, protocol, "--max-question-chars")
+    # A context of exactly the limit is served.
+    at_limit = (CONTEXT * (MAX_CONTEXT_CHARS // len(CONTEXT) + 1))[:MAX_CONTEXT_CHARS]
+    reply = client.infer("bert_qa", _qa_inputs(module, [question.encode()], [at_limit.encode()]))
+    assert reply.as_numpy("answer").shape == (1, 1)
+    reply = client.infer("bert_qa", good)
+    assert reply.as_numpy("answer")[0, 0].decode() == engine.answer_many([question],
+                                                                         [CONTEXT])[0].text
     client.close()
 
 
@@ -225,3 +345,56 @@ def test_sigint_stops_server_even_when_started_in_the_background(qa_dir, tmp_pat
     finally:
         signal.signal(signal.SIGINT, previous)
     stop_and_check(running, signal.SIGINT)
+
+
+def test_a_taken_port_fails_fast_naming_it(qa_dir):
+    """A port held by another socket: one line naming it and a non-zero exit within seconds
+    (it took ~128 s and a PyTriton timeout traceback before)."""
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", grpc))
+        held.listen()
+        began = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "bertforge", "serve", "--checkpoint-input-dir", str(qa_dir),
+             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+             *WINDOW_FLAGS], capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - began
+    assert done.returncode != 0
+    assert f"port {grpc} (--grpc-port)" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert took < 20, took
+
+
+def test_tritonserver_own_port_error_is_reported_in_one_line(tmp_path):
+    """The port taken between the check and tritonserver's bind: tritonserver exits in ~1 s
+    and its own message comes back."""
+    from bertforge.serve.tritonserver import TritonProcess, python_backend
+    http, grpc, metrics = free_ports(3)
+    (tmp_path / "models").mkdir()
+    triton = TritonProcess(tmp_path / "models", python_backend(tmp_path / "backends"),
+                           tmp_path / "log", host="127.0.0.1", http_port=http, grpc_port=grpc,
+                           metrics_port=metrics, exit_timeout=1)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", grpc))
+        held.listen()
+        triton.start()
+        with pytest.raises(ValueError, match=f"127.0.0.1:{grpc}' already in use"):
+            triton.wait_ready((), timeout=60)
+    assert triton.stop() != 0
+
+
+def test_serve_exits_non_zero_when_tritonserver_dies(qa_dir, tmp_path):
+    running = start_server(qa_dir, tmp_path / "serve.log")
+    proc = running["proc"]
+    children = descendants(proc.pid)
+    triton = [c for c in children if "tritonserver" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(triton) == 1
+    os.kill(triton[0], signal.SIGKILL)
+    assert proc.wait(timeout=30) == 1
+    log = running["log"].read_text()
+    assert "serve: tritonserver exited unexpectedly" in log and "SIGKILL" in log, log[-2000:]
+    deadline = time.monotonic() + 15
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if alive(c)], "a backend stub outlived tritonserver"

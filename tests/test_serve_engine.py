@@ -107,3 +107,38 @@ def test_bad_rows_are_refused_before_the_model(engine):
     rows["attention_mask"][0, 0] = 2
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
         engine.logits(rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
+
+
+def test_backend_answers_each_request_alone(engine):
+    """What the served models do with a dynamic batch (serve/backend.py): a bad request gets
+    its own error, the valid ones of the batch run together and get what they get alone."""
+    from bertforge.config.serve import RequestLimitsSection
+    from bertforge.serve.backend import run_bert, run_qa
+    rows = synthetic_rows(3, S, engine.vocab_size, seed=12)
+    requests = [{k: v[i:i + 1].copy() for k, v in rows.items()} for i in range(3)]
+    requests[1]["input_ids"][0, 0] = engine.vocab_size
+    outcomes = run_bert(engine, requests)
+    assert outcomes[1].outputs is None and "input_ids must lie in" in outcomes[1].error
+    for k in (0, 2):
+        assert outcomes[k].error is None
+        alone = engine.logits(*(requests[k][n] for n in ("input_ids", "attention_mask",
+                                                          "token_type_ids")))
+        np.testing.assert_allclose(outcomes[k].outputs["start_logits"], alone[0], atol=1e-5)
+        np.testing.assert_allclose(outcomes[k].outputs["end_logits"], alone[1], atol=1e-5)
+
+    limits = RequestLimitsSection(max_context_chars=50, max_question_chars=10)
+    text = lambda *xs: np.array([[x] for x in xs], dtype=object)  # noqa: E731
+    qa = [{"question": text(b"Who?"), "context": text(b"Rollo led the Normans.")},
+          {"question": text(b"Who?"), "context": text(b"x" * 51)},
+          {"question": text(b"Who is it, really?"), "context": text(b"Rollo.")},
+          {"question": text(b"Who?", b"Where?"), "context": text(b"Rollo.", b"\xff")},
+          {"question": text(b"Where?"), "context": text(b" ")}]
+    outcomes = run_qa(engine, qa, limits)
+    assert [o.error is None for o in outcomes] == [True, False, False, False, False]
+    assert "--max-context-chars" in outcomes[1].error and "51 characters" in outcomes[1].error
+    assert "--max-question-chars" in outcomes[2].error
+    assert "context of row 1 is not valid UTF-8" in outcomes[3].error
+    assert "context of row 0 is empty" in outcomes[4].error
+    want = engine.answer_many(["Who?"], ["Rollo led the Normans."])[0]
+    assert outcomes[0].outputs["answer"][0, 0].decode() == want.text
+    assert outcomes[0].outputs["start"][0, 0] == want.start

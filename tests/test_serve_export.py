@@ -5,6 +5,7 @@ tier (not in the numpy-2 run)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,12 @@ def test_parity_check_catches_a_different_model(qa_dir, tmp_path):
 def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     out = tmp_path / "repo"
     assert main(["export", "--checkpoint-input-dir", str(qa_dir), "--format", "triton-repo",
-                 "--output-dir", str(out), "--sequence-length", "24", "--max-batch-size", "16"]) == 0
+                 "--output-dir", str(out), "--sequence-length", "24", "--doc-stride", "4",
+                 "--max-query-length", "8", "--max-batch-size", "16"]) == 0
     assert (out / "bert" / "1" / "model.onnx").exists()
+    # bert_qa: text in, answer out (python backend), with the checkpoint's tokenizer files.
+    assert (out / "bert_qa" / "1" / "model.py").exists()
+    assert (out / "bert_qa" / "1" / "tokenizer.json").exists()
     config = (out / "bert" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 16" in config
     assert "dynamic_batching" in config and config.count("TYPE_INT32") == 3
@@ -74,6 +79,12 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     assert [o.name for o in parsed.output] == list(OUTPUTS)
     assert all(list(t.dims) == [-1] for t in [*parsed.input, *parsed.output])
     assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    qa = text_format.Parse((out / "bert_qa" / "config.pbtxt").read_text(),
+                           model_config_pb2.ModelConfig())
+    assert qa.backend == "python" and [i.name for i in qa.input] == ["question", "context"]
+    assert [o.name for o in qa.output] == ["answer", "score", "start", "end"]
+    settings = json.loads(qa.parameters["bertforge_serve_config"].string_value)
+    assert settings["window"] == {"sequence_length": 24, "doc_stride": 4, "max_query_length": 8}
 
 
 def test_export_without_qa_head_is_a_user_error(tmp_path, capsys):

@@ -7,7 +7,9 @@ onnxruntime backend, not on PyPI, is replaced by benchmarks/onnxruntime_backend/
 Python-based backend named `onnxruntime` (benchmarks/triton_stack.py). Triton picks it for the
 repository's `platform: "onnxruntime_onnx"`, parses and validates config.pbtxt itself (a broken
 config is refused, which the second test checks), runs its dynamic batcher and sends each
-dynamic batch to onnxruntime on the exported model.onnx. What this cannot check is the C++
+dynamic batch to onnxruntime on the exported model.onnx; the exported `bert_qa` (python
+backend, tokenizer beside it) answers questions through `bert` as `bertforge serve` answers
+them. What this cannot check is the C++
 backend itself (its own config auto-completion and ONNX loading).
 """
 
@@ -25,6 +27,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("pytriton")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 if int(np.__version__.split(".")[0]) >= 2:
     pytest.skip("PyTriton 0.7's python backend stub needs numpy<2", allow_module_level=True)
@@ -38,6 +41,12 @@ from triton_stack import (backend_directory, start_tritonserver,  # noqa: E402
 from support import alive, descendants, tiny_qa_model  # noqa: E402
 
 S = 32
+
+
+def _text(name: str, values: list[bytes]):
+    tensor = grpcclient.InferInput(name, [len(values), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=object))
+    return tensor
 
 
 def stop(proc) -> None:
@@ -54,15 +63,16 @@ def stop(proc) -> None:
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton-repo")
     model_dir = tiny_qa_model(root / "model", seed=0)
-    export(model_dir, root / "repo", fmt="triton-repo", sequence_length=S, max_batch_size=8,
-           max_queue_delay_us=20_000)
+    export(model_dir, root / "repo", fmt="triton-repo", sequence_length=S, doc_stride=8,
+           max_query_length=8, max_batch_size=8, max_queue_delay_us=20_000)
     return model_dir, root / "repo", backend_directory(root / "backends")
 
 
 def test_stock_tritonserver_serves_the_exported_repository(exported, tmp_path):
     model_dir, repository, backends = exported
-    model, _ = load_qa_checkpoint(model_dir)
-    engine = QAEngine(model, None, WindowSection(sequence_length=S, doc_stride=8, max_query_length=8))
+    model, tokenizer = load_qa_checkpoint(model_dir)
+    engine = QAEngine(model, tokenizer,
+                      WindowSection(sequence_length=S, doc_stride=8, max_query_length=8))
     rows = synthetic_rows(12, S, model.config.vocab_size, seed=3)
     # Six requests of 2 rows each in flight at once: the dynamic batcher (20 ms) merges some.
     payloads = [{k: v[i:i + 2] for k, v in rows.items()} for i in range(0, 12, 2)]
@@ -96,13 +106,32 @@ def test_stock_tritonserver_serves_the_exported_repository(exported, tmp_path):
             for name, expected in zip(OUTPUTS, want):
                 np.testing.assert_allclose(replies[k].as_numpy(name), expected, atol=1e-4)
 
+        stats = client.get_inference_statistics("bert").model_stats[0]
+        assert stats.inference_count == 12  # rows
+        assert 1 <= stats.execution_count < len(payloads), "no two requests were batched"
+
+        # bert_qa: text in, answer out, through `bert` (BLS), as bertforge serve answers.
+        questions = ["Who led the raiders?", "Where is Normandy?"]
+        context = ("The Normans gave their name to Normandy, a region in France. They were "
+                   "descended from Norse raiders who, under their leader Rollo, agreed to "
+                   "swear fealty to King Charles III of West Francia.")
+        reply = client.infer("bert_qa", [
+            _text("question", [q.encode() for q in questions]),
+            _text("context", [context.encode()] * 2)])
+        for row, want in enumerate(engine.answer_many(questions, [context] * 2)):
+            assert reply.as_numpy("answer")[row, 0].decode() == want.text
+            assert (reply.as_numpy("start")[row, 0], reply.as_numpy("end")[row, 0]) == (
+                want.start, want.end)
+            assert reply.as_numpy("score")[row, 0] == pytest.approx(want.score, abs=1e-3)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("bert_qa", [_text("question", [b"Who?"]), _text("context", [b" "])])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert caught.value.message() == "context of row 0 is empty"
+
         config = client.get_model_config("bert").config
         assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
         assert config.dynamic_batching.max_queue_delay_microseconds == 20_000
-        stats = client.get_inference_statistics("bert").model_stats[0]
         client.close()
-        assert stats.inference_count == 12  # rows
-        assert 1 <= stats.execution_count < len(payloads), "no two requests were batched"
     finally:
         stop(proc)
 

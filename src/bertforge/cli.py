@@ -238,7 +238,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ("pretrain",): Command(PretrainConfig, cmd_pretrain,
                            "pre-train BERT (MLM + NSP); torchrun for many processes"),
     ("serve",): Command(ServeConfig, cmd_serve,
-                        "serve the QA model from Triton Inference Server (PyTriton): models "
+                        "serve the QA model from Triton Inference Server (python backend): models "
                         "bert (tensors) and bert_qa (text)"),
     ("export",): Command(ExportConfig, cmd_export,
                          "export the QA model to ONNX or a Triton model repository"),

@@ -75,6 +75,18 @@ class ServeBatchingSection(BatchingSection):
 
 
 @dataclass
+class RequestLimitsSection(Section):
+    """What one `bert_qa` request may hold; a request over a limit gets its own error (400 /
+    INVALID_ARGUMENT) and the others of its batch are run. A context of 10 MB took 39 s on 2
+    cores and held up every client behind it; 100k characters (a long Wikipedia article,
+    ~25k tokens, ~170 windows at S 384) takes ~1 s on the mini model."""
+
+    max_context_chars: int = opt(100_000, "longest `bert_qa` context, in characters", ge=1)
+    max_question_chars: int = opt(1_000, "longest `bert_qa` question, in characters (only "
+                                  "--max-query-length tokens of it are used)", ge=1)
+
+
+@dataclass
 class EndpointSection(Section):
     """Where Triton listens, and how long a stop waits for in-flight requests."""
 
@@ -105,6 +117,7 @@ class ServeConfig(RunConfig):
     model: ServedModelSection = field(default_factory=ServedModelSection)
     window: WindowSection = field(default_factory=WindowSection)
     batching: ServeBatchingSection = field(default_factory=ServeBatchingSection)
+    limits: RequestLimitsSection = field(default_factory=RequestLimitsSection)
     server: EndpointSection = field(default_factory=EndpointSection)
 
 
@@ -116,21 +129,40 @@ class ExportSection(Section):
     checkpoint_input_dir: str | None = opt(None, "a fine-tuned QA checkpoint", metavar="DIR",
                                            required=True)
     format: Literal["onnx", "triton-repo"] | None = opt(
-        None, "'onnx': OUT/model.onnx; 'triton-repo': OUT/bert/1/model.onnx and "
-        "OUT/bert/config.pbtxt for Triton's onnxruntime backend", required=True)
+        None, "'onnx': OUT/model.onnx; 'triton-repo': OUT/bert (model.onnx for Triton's "
+        "onnxruntime backend) and OUT/bert_qa (text in, answer out: python backend + "
+        "tokenizer, calls bert)", required=True)
     output_dir: str | None = opt(None, "where the export goes", metavar="DIR", required=True)
     sequence_length: int = opt(QA_SEQUENCE_LENGTH, "S of the parity check against PyTorch "
-                               "(the exported axes are dynamic)", ge=8)
+                               "(the exported axes are dynamic) and of bert_qa's windows", ge=8)
+    doc_stride: int | None = opt(None, "bert_qa's window overlap (default: min(128, half the "
+                                 "context tokens of a window))", ge=0)
+    max_query_length: int | None = opt(None, "bert_qa's question tokens (default: min(64, "
+                                       "S/4))", ge=1)
     opset: int = opt(17, "ONNX opset", ge=7)
+
+    def window(self) -> WindowSection:
+        """bert_qa's windows: --sequence-length with the given or scaled stride and query
+        (at S 384 the reference's 128 / 64); WindowSection checks them."""
+        query = self.max_query_length or min(64, self.sequence_length // 4)
+        stride = (self.doc_stride if self.doc_stride is not None
+                  else min(128, (self.sequence_length - query - 3) // 2))
+        return WindowSection(sequence_length=self.sequence_length, doc_stride=stride,
+                             max_query_length=query)
+
+    def check(self) -> None:
+        if self.format == "triton-repo":
+            self.window()
 
 
 @dataclass
 class ExportConfig(RunConfig):
     """Everything `bertforge export` needs; `batching` fills the Triton repository's
-    config.pbtxt."""
+    config.pbtxt files, `limits` its bert_qa's."""
 
     export: ExportSection = field(default_factory=ExportSection)
     batching: BatchingSection = field(default_factory=BatchingSection)
+    limits: RequestLimitsSection = field(default_factory=RequestLimitsSection)
 
 
 # ---------------------------------------------------------------- bertforge serve-bench

@@ -4,8 +4,12 @@
   (INT32 [batch, sequence], both axes dynamic) and outputs start_logits, end_logits (FP32),
   the same names and dtypes as the served `bert` model, so a client works with either.
 - `--format triton-repo`: `<out>/bert/1/model.onnx` + `<out>/bert/config.pbtxt` for Triton's
-  onnxruntime backend, dynamic batching on; `tritonserver --model-repository <out>` in an
-  NGC container loads it with no Python in the serving path. Without Docker, the tests load
+  onnxruntime backend, dynamic batching on, and `<out>/bert_qa/`: question + context text in,
+  answer out, a python-backend model (serve/triton_models/export_bert_qa/model.py) with the
+  checkpoint's tokenizer files that windows the context, asks `bert` for logits through BLS
+  and post-processes as `bertforge serve` does; `tritonserver --model-repository <out>` in an
+  NGC container loads both (bert_qa needs `pip install bertforge` in the container's Python;
+  `bert` alone needs no Python in the serving path). Without Docker, the tests load
   the unchanged repository into the real tritonserver 2.51 that PyTriton bundles, with a
   Python-based stand-in for the C++ onnxruntime backend (benchmarks/triton_stack.py, test and
   benchmark support outside the package; tests/test_serve_triton_repo.py):
@@ -115,16 +119,41 @@ def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> st
 def export(checkpoint_dir: Path | str, output_dir: Path | str, *, fmt: str,
            **settings: Any) -> list[str]:
     """run_export for a checkpoint, an output directory and a format; `settings` are the
-    other ExportConfig fields (sequence_length, opset, max_batch_size, max_queue_delay_us),
+    other ExportConfig fields (sequence_length, opset, max_batch_size, max_queue_delay_us,
+    doc_stride, max_query_length, max_context_chars, ...),
     with ExportConfig's defaults and checks."""
     return run_export(ExportConfig(checkpoint_input_dir=checkpoint_dir, output_dir=output_dir,
                                    format=fmt, **settings))
+
+
+def write_qa_model(cfg: ExportConfig, path: Path) -> None:
+    """The repository's `bert_qa` at `path`: model.py (python backend, calls `bert` through
+    BLS), the checkpoint's tokenizer files beside it, config.pbtxt with window and limits."""
+    import dataclasses
+    import shutil
+
+    from bertforge.data.vocab import save_tokenizer_files
+    from bertforge.serve.server import (MODELS, QA_INPUT_TENSORS, QA_OUTPUT_TENSORS,
+                                        python_model_config)
+    from bertforge.train.checkpoint import resolve_checkpoint
+    b = cfg.batching
+    (path / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(MODELS / "export_bert_qa" / "model.py", path / "1" / "model.py")
+    save_tokenizer_files(path / "1", name_or_path=str(resolve_checkpoint(
+        cfg.export.checkpoint_input_dir)))
+    settings = {"window": dataclasses.asdict(cfg.export.window()),
+                "limits": dataclasses.asdict(cfg.limits),
+                "bert_max_batch_size": b.max_batch_size}
+    (path / "config.pbtxt").write_text(python_model_config(
+        "bert_qa", max(1, b.max_batch_size // 4), QA_INPUT_TENSORS, QA_OUTPUT_TENSORS,
+        b.max_queue_delay_us, settings))
 
 
 def run_export(cfg: ExportConfig) -> list[str]:
     """Export (see module docstring); returns one line per thing written or checked."""
     from bertforge.serve.qa import load_qa_checkpoint
     e, batching = cfg.export, cfg.batching
+    seq = e.sequence_length
     model, _ = load_qa_checkpoint(e.checkpoint_input_dir)
     output_dir = Path(e.output_dir)
     if e.format == "onnx":
@@ -136,11 +165,13 @@ def run_export(cfg: ExportConfig) -> list[str]:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(triton_config("bert", batching.max_batch_size,
                                         batching.max_queue_delay_us))
-    export_onnx(model, onnx_path, sequence_length=e.sequence_length, opset=e.opset)
-    diff = check_onnx(model, onnx_path, e.sequence_length)
+    export_onnx(model, onnx_path, sequence_length=seq, opset=e.opset)
+    diff = check_onnx(model, onnx_path, seq)
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
-             f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {e.sequence_length} tokens"]
+             f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {seq} tokens"]
     if e.format == "triton-repo":
-        lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} (tritonserver "
-                     f"--model-repository {output_dir})")
+        write_qa_model(cfg, output_dir / "bert_qa")
+        lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} and {output_dir / 'bert_qa'}"
+                     f" (text in, answer out; needs bertforge in the server's Python) "
+                     f"(tritonserver --model-repository {output_dir})")
     return lines

@@ -204,34 +204,44 @@ class QAEngine:
         return start, end
 
     def answer_many(self, questions: list[str], contexts: list[str]) -> list[Answer]:
-        """The best span of each (question, context); contexts longer than one window are
-        cut into overlapping windows and the best span over all of them wins."""
-        for i, (q, c) in enumerate(zip(questions, contexts)):
-            if not c.strip():
-                raise ValueError(f"request row {i}: the context is empty")
-            if not q.strip():
-                raise ValueError(f"request row {i}: the question is empty")
-        examples = [SquadExample(qid=str(i), question=q, context=c)
-                    for i, (q, c) in enumerate(zip(questions, contexts))]
-        windows = build_windows(examples, self.tokenizer, self.spec, is_training=False)
-        starts: list[np.ndarray] = []
-        ends: list[np.ndarray] = []
-        for lo in range(0, len(windows), self.max_batch_size):
-            batch = pad_windows(windows[lo:lo + self.max_batch_size])
-            s, e = self.logits(batch["input_ids"], batch["attention_mask"],
-                               batch["token_type_ids"])
-            starts.extend(s)
-            ends.extend(e)
-        best: list[Answer | None] = [None] * len(examples)
-        for w, s, e in zip(windows, starts, ends):
-            for score, first, last, _, _ in window_candidates(
-                    w, s, e, n_best_size=self.n_best_size,
-                    max_answer_length=self.max_answer_length):
-                current = best[w.example_index]
-                if current is None or score > current.score:
-                    lo_char, hi_char = int(w.offsets[first, 0]), int(w.offsets[last, 1])
-                    best[w.example_index] = Answer(
-                        examples[w.example_index].context[lo_char:hi_char], score,
-                        lo_char, hi_char)
-        # A context of only whitespace-like tokens can leave no valid span at all.
-        return [a if a is not None else Answer("", float("-inf"), 0, 0) for a in best]
+        """The best span of each (question, context) (answer_questions on this engine)."""
+        return answer_questions(questions, contexts, self.tokenizer, self.spec, self.logits,
+                                max_batch_size=self.max_batch_size, n_best_size=self.n_best_size,
+                                max_answer_length=self.max_answer_length)
+
+
+def answer_questions(questions: list[str], contexts: list[str], tokenizer, spec: WindowSection,
+                     logits, *, max_batch_size: int = 32, n_best_size: int = 20,
+                     max_answer_length: int = 30) -> list[Answer]:
+    """The best span of each (question, context); contexts longer than one window are cut
+    into overlapping windows and the best span over all of them wins. `logits(input_ids,
+    attention_mask, token_type_ids)` runs up to `max_batch_size` windows (int arrays [B, L])
+    and returns float32 start/end logits [B, L]: QAEngine.logits in process, a BLS call to
+    `bert` in the exported repository's `bert_qa` (serve/triton_models/export_bert_qa)."""
+    for i, (q, c) in enumerate(zip(questions, contexts)):
+        if not c.strip():
+            raise ValueError(f"request row {i}: the context is empty")
+        if not q.strip():
+            raise ValueError(f"request row {i}: the question is empty")
+    examples = [SquadExample(qid=str(i), question=q, context=c)
+                for i, (q, c) in enumerate(zip(questions, contexts))]
+    windows = build_windows(examples, tokenizer, spec, is_training=False)
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    for lo in range(0, len(windows), max_batch_size):
+        batch = pad_windows(windows[lo:lo + max_batch_size])
+        s, e = logits(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        starts.extend(s)
+        ends.extend(e)
+    best: list[Answer | None] = [None] * len(examples)
+    for w, s, e in zip(windows, starts, ends):
+        for score, first, last, _, _ in window_candidates(
+                w, s, e, n_best_size=n_best_size, max_answer_length=max_answer_length):
+            current = best[w.example_index]
+            if current is None or score > current.score:
+                lo_char, hi_char = int(w.offsets[first, 0]), int(w.offsets[last, 1])
+                best[w.example_index] = Answer(
+                    examples[w.example_index].context[lo_char:hi_char], score,
+                    lo_char, hi_char)
+    # A context of only whitespace-like tokens can leave no valid span at all.
+    return [a if a is not None else Answer("", float("-inf"), 0, 0) for a in best]

@@ -1,4 +1,4 @@
-"""`bertforge serve`: a real Triton Inference Server (through NVIDIA PyTriton) with two models.
+"""`bertforge serve`: a real Triton Inference Server with two python-backend models.
 
 - `bert`: input_ids, attention_mask, token_type_ids INT32 [-1, S] -> start_logits, end_logits
   FP32 [-1, S]; Triton's dynamic batcher merges concurrent requests (up to --max-batch-size
@@ -10,87 +10,137 @@
   INT32 (character offsets into the context); long contexts are windowed and answers
   post-processed by the SQuAD code (serve/qa.py).
 
-Triton checks dtype and shape of every request before it reaches Python (a sequence longer
-than S is a shape error there); token ids out of the vocab, non-0/1 masks, invalid UTF-8 and
-empty contexts raise in the model function, which Triton turns into an error response while
-the server keeps serving. With dynamic batching that error goes to every request of the
-batch the bad one was merged into: PyTriton 0.7 answers a failed execution with one error for
-all of its requests (proxy/model.py, BatchResponsesHandler), so a client that sent a good
-request in that batch must resend it; the error text says so and names the bad row. Triton's
-own C++ backends answer a failed batched run the same way (backend_common.h's
-RESPOND_ALL_AND_SET_NULL_IF_ERROR: one error to every request of the batch).
-Health/readiness are Triton's own (/v2/health/ready, /v2/models/bert/ready, gRPC ServerReady). SIGINT and SIGTERM stop the
-server and its tritonserver child, with in-flight requests given --exit-timeout seconds.
+How: at start-up this writes a model repository into a temporary folder, the two models'
+`model.py` (serve/triton_models/, thin wrappers of serve/backend.py) with a config.pbtxt
+each that carries the serve settings as a parameter, and runs the tritonserver 2.51 that the
+PyTriton wheel bundles on it, directly (serve/tritonserver.py): each model loads the
+checkpoint in its own python backend stub process and Triton talks to it over shared memory,
+one hop less than PyTriton's proxy (which added ~5 ms a request).
 
-Why PyTriton: it ships the tritonserver binary and the python backend on PyPI, so the same
-command runs on a laptop CPU and a GPU box without the 10+ GB Triton container; the cost is
-one extra hop (python backend stub -> this process over shared memory and zmq): a tiny model
-(hidden 64, S 64) answers one gRPC client in 6.2 ms p50 here. For a container deployment
-`bertforge export --format triton-repo` writes an onnxruntime-backend repository instead.
-Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box (server,
-stubs and clients on the same cores) its gain at 8 clients over batch-1 serving is bounded by
-how much faster this CPU runs 8 rows than 1 (benchmarks/bench_serve.py; docs/benchmarks.md has
-the numbers, sync and async, fp32 and bf16, and Triton + ONNX Runtime beside it). A lone
-request waits --max-queue-delay-us for company: 0 suits one client at a time. The server
-prints each model's mean batch when it stops.
+Errors. Triton checks dtype and shape of every request (a sequence longer than S is a shape
+error there). Content is checked per request in `execute` (serve/backend.py): token ids
+outside the vocab, non-0/1 masks, invalid UTF-8, empty text, and the size limits
+(--max-context-chars, default 100k characters; --max-question-chars): the bad request alone
+gets a one-line error, HTTP 400 / gRPC INVALID_ARGUMENT, and the valid requests merged into
+the same dynamic batch are run as usual. An unexpected exception answers "internal error"
+(500 / INTERNAL) and logs its traceback in the server log, never to the client.
+Not protected here (tritonserver 2.51 has no request size option): the HTTP/gRPC front end
+itself parses whatever arrives, so a JSON body announcing a huge shape ([1e9, 128]) or a
+deeply nested JSON document is Triton's to survive; put a proxy with a body limit in front
+of a public endpoint.
 
-Requirement seen here: PyTriton 0.7's python backend stub needs numpy<2 (with numpy 2 every
-output tensor arrives empty), and it links libpython, so LD_LIBRARY_PATH must hold the
-running interpreter's LIBDIR; `serve` sets that and checks numpy up front.
+Operations. Start-up checks the three ports first (a taken port: one-line error naming it,
+exit 2, in about a second) and then watches tritonserver: if it exits while starting (a port
+taken meanwhile, a model that fails to load) serve exits 2 with tritonserver's own error
+line. Triton loads both models before it opens its endpoints, and runs with strict readiness:
+/v2/health/ready is true only with both loaded; the "serve: models ..." line is printed then.
+If tritonserver dies while serving, serve exits 1 with a line saying so. SIGINT and SIGTERM
+stop tritonserver (in-flight requests get --exit-timeout seconds) and exit 0; tritonserver
+runs in its own session and dies with this process (processes.die_with_parent), and its stubs
+with it. Binds --host (default 127.0.0.1). Prints each model's mean batch when it stops
+(Triton's statistics).
 
-Configuration: ServeConfig (bertforge.config.serve; presets in presets/serve.yml), whose
-sections (model, window, batching, server) have already checked every value; build_engine
-checks only what needs the loaded model.
+Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box its gain at 8
+clients over batch-1 serving is bounded by how much faster this CPU runs 8 rows than 1
+(benchmarks/bench_serve.py; docs/benchmarks.md). A lone request waits --max-queue-delay-us
+for company: 0 suits one client at a time. The stub needs numpy<2 (with numpy 2 every output
+tensor arrived empty); checked up front. Configuration: ServeConfig (bertforge.config.serve;
+presets in presets/serve.yml), whose sections have already checked every value.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import json
+import shutil
 import signal
-import sysconfig
+import socket
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from bertforge.config.serve import ServeBatchingSection, ServeConfig
+from bertforge.config.serve import EndpointSection, ServeConfig
+from bertforge.serve.backend import SETTINGS_PARAMETER, build_engine  # noqa: F401 (re-export)
 
-log = logging.getLogger("bertforge")
+MODELS = Path(__file__).with_name("triton_models")
+MODEL_NAMES = ("bert", "bert_qa")
 
 
 def check_runtime() -> None:
-    """Fail early, with what to do, where PyTriton would start but answer garbage."""
-    try:
-        import pytriton  # noqa: F401
-    except ImportError:
-        raise ValueError("serving needs PyTriton: pip install 'bertforge[serve]'") from None
+    """Fail early, with what to do, where the python backend would start but answer garbage."""
+    from bertforge.serve.tritonserver import distribution
+    distribution()
     if int(np.__version__.split(".")[0]) >= 2:
-        raise ValueError(f"PyTriton 0.7's python backend needs numpy<2 (found {np.__version__}; "
-                         "outputs would come back empty): pip install 'numpy<2'")
-    libdir = sysconfig.get_config_var("LIBDIR")
-    # The backend stub links libpython: without this it may pick another installed Python.
-    if libdir and libdir not in os.environ.get("LD_LIBRARY_PATH", "").split(":"):
-        os.environ["LD_LIBRARY_PATH"] = ":".join(
-            p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+        raise ValueError(f"Triton's python backend stub (PyTriton 0.7) needs numpy<2 (found "
+                         f"{np.__version__}; outputs would come back empty): pip install 'numpy<2'")
 
 
-def _decode(column: np.ndarray, name: str) -> list[str]:
-    out = []
-    for i, raw in enumerate(column.reshape(-1)):
-        try:
-            out.append(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{name} of row {i} is not valid UTF-8 ({err})") from None
-    return out
+def check_ports(end: EndpointSection) -> None:
+    """Raise ValueError naming the first of the three ports that cannot be bound on --host:
+    in a second, where tritonserver would find out only after loading both models."""
+    for flag, port in (("--http-port", end.http_port), ("--grpc-port", end.grpc_port),
+                       ("--metrics-port", end.metrics_port)):
+        with socket.socket(socket.AF_INET6 if ":" in end.host else socket.AF_INET) as s:
+            # As tritonserver binds: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((end.host, port))
+            except OSError as err:
+                raise ValueError(f"port {port} ({flag}) on {end.host} is not available "
+                                 f"({err.strerror}); stop what holds it or choose another "
+                                 f"{flag}") from None
 
 
-def _batch_error(err: ValueError, rows: int) -> str:
-    """The error text of a failed execution. PyTriton sends it to every request of the batch,
-    so a client whose own request was fine learns that it was not run and can resend it."""
-    if rows == 1:
-        return str(err)
-    return (f"{err} (in a dynamic batch of {rows} rows: every request merged into it gets this "
-            "error and none was run; resend the valid ones)")
+# bert_qa's tensors (served and exported): BYTES [-1, 1] in, answer, score, span out.
+QA_INPUT_TENSORS = [("question", "TYPE_STRING", 1), ("context", "TYPE_STRING", 1)]
+QA_OUTPUT_TENSORS = [("answer", "TYPE_STRING", 1), ("score", "TYPE_FP32", 1),
+                     ("start", "TYPE_INT32", 1), ("end", "TYPE_INT32", 1)]
+
+
+def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: list,
+                        max_queue_delay_us: int | None, settings: dict) -> str:
+    """config.pbtxt of a python-backend model: one CPU instance (a CUDA --device is the
+    engine's, inside the stub), `settings` as one JSON parameter, dynamic batching unless
+    `max_queue_delay_us` is None."""
+    def tensors(specs):
+        return ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}'
+                           for n, t, d in specs)
+    value = json.dumps(json.dumps(settings, ensure_ascii=False), ensure_ascii=False)
+    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}",
+             "input [", tensors(inputs), "]", "output [", tensors(outputs), "]",
+             "instance_group [ { kind: KIND_CPU count: 1 } ]",
+             f'parameters: {{ key: "{SETTINGS_PARAMETER}" value: {{ string_value: {value} }} }}']
+    if max_queue_delay_us is not None:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    return "\n".join(lines) + "\n"
+
+
+def model_config(name: str, cfg: ServeConfig) -> str:
+    """config.pbtxt of a served model, `cfg` (flat) as its settings parameter."""
+    b, seq = cfg.batching, cfg.window.sequence_length
+    delay = b.max_queue_delay_us if b.dynamic_batching else None
+    if name == "bert":
+        return python_model_config(
+            name, b.max_batch_size if b.dynamic_batching else 1,
+            [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
+            [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")], delay,
+            cfg.to_flat())
+    # A question is ~1-10 windows: a quarter of bert's rows keeps one execution's work alike.
+    return python_model_config(name, max(1, b.max_batch_size // 4) if b.dynamic_batching else 1,
+                               QA_INPUT_TENSORS, QA_OUTPUT_TENSORS, delay, cfg.to_flat())
+
+
+def write_repository(cfg: ServeConfig, path: Path) -> Path:
+    """The model repository of `cfg` at `path`: bert/ and bert_qa/, each model.py + config."""
+    flat_cfg = ServeConfig.from_flat({**cfg.to_flat(), "checkpoint_input_dir": str(
+        Path(cfg.model.checkpoint_input_dir).resolve())})
+    for name in MODEL_NAMES:
+        (path / name / "1").mkdir(parents=True)
+        shutil.copy(MODELS / name / "model.py", path / name / "1" / "model.py")
+        (path / name / "config.pbtxt").write_text(model_config(name, flat_cfg))
+    return path
 
 
 @dataclass
@@ -101,118 +151,64 @@ class Executions:
     requests: dict[str, int] = field(default_factory=dict)
     executions: dict[str, int] = field(default_factory=dict)
 
-    def add(self, model: str, rows: int) -> None:
+    def add(self, model: str, rows: int, executions: int = 1) -> None:
         self.requests[model] = self.requests.get(model, 0) + rows
-        self.executions[model] = self.executions.get(model, 0) + 1
+        self.executions[model] = self.executions.get(model, 0) + executions
 
     def line(self) -> str:
         return "; ".join(f"{m} {n:,} rows in {self.executions[m]:,} executions (mean batch "
-                         f"{n / self.executions[m]:.2f})" for m, n in self.requests.items())
-
-
-def bind_models(triton, engine, batching: ServeBatchingSection, seq: int,
-                stats: Executions | None = None) -> None:
-    """Bind `bert` and `bert_qa` of `engine` (a serve.qa.QAEngine) to a pytriton.Triton; the
-    `bert` model takes [-1, seq] rows."""
-    from pytriton.decorators import batch
-    from pytriton.exceptions import PyTritonValidationError
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
-    @batch
-    def infer_bert(input_ids, attention_mask, token_type_ids):
-        if stats is not None:
-            stats.add("bert", len(input_ids))
-        try:
-            start, end = engine.logits(input_ids, attention_mask, token_type_ids)
-        except ValueError as err:
-            raise PyTritonValidationError(_batch_error(err, len(input_ids))) from None
-        return {"start_logits": start, "end_logits": end}
-
-    @batch
-    def infer_qa(question, context):
-        if stats is not None:
-            stats.add("bert_qa", len(question))
-        try:
-            answers = engine.answer_many(_decode(question, "question"),
-                                         _decode(context, "context"))
-        except ValueError as err:
-            raise PyTritonValidationError(_batch_error(err, len(question))) from None
-        return {"answer": np.array([[a.text.encode("utf-8")] for a in answers], dtype=np.object_),
-                "score": np.array([[a.score] for a in answers], dtype=np.float32),
-                "start": np.array([[a.start] for a in answers], dtype=np.int32),
-                "end": np.array([[a.end] for a in answers], dtype=np.int32)}
-
-    batcher = (DynamicBatcher(max_queue_delay_microseconds=batching.max_queue_delay_us)
-               if batching.dynamic_batching else None)
-    max_batch = batching.max_batch_size if batching.dynamic_batching else 1
-    triton.bind(
-        model_name="bert", infer_func=infer_bert,
-        inputs=[Tensor(name=n, dtype=np.int32, shape=(seq,))
-                for n in ("input_ids", "attention_mask", "token_type_ids")],
-        outputs=[Tensor(name=n, dtype=np.float32, shape=(seq,))
-                 for n in ("start_logits", "end_logits")],
-        config=ModelConfig(max_batch_size=max_batch, batcher=batcher,
-                           batching=True), strict=True)
-    triton.bind(
-        model_name="bert_qa", infer_func=infer_qa,
-        inputs=[Tensor(name="question", dtype=np.bytes_, shape=(1,)),
-                Tensor(name="context", dtype=np.bytes_, shape=(1,))],
-        outputs=[Tensor(name="answer", dtype=np.bytes_, shape=(1,)),
-                 Tensor(name="score", dtype=np.float32, shape=(1,)),
-                 Tensor(name="start", dtype=np.int32, shape=(1,)),
-                 Tensor(name="end", dtype=np.int32, shape=(1,))],
-        config=ModelConfig(max_batch_size=max(1, batching.max_batch_size // 4), batcher=batcher),
-        strict=True)
-
-
-def build_engine(cfg: ServeConfig):
-    """The QAEngine of `cfg`'s checkpoint, window shape and batching (values checked by the
-    config's sections; only what needs the model, its position table, is checked here)."""
-    from bertforge.serve.qa import QAEngine, load_qa_checkpoint
-    m, w = cfg.model, cfg.window
-    if m.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-    model, tokenizer = load_qa_checkpoint(m.checkpoint_input_dir, m.device, m.precision)
-    if w.sequence_length > model.config.max_position_embeddings:
-        raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
-                         f"max_position_embeddings {model.config.max_position_embeddings}")
-    return QAEngine(model, tokenizer, w, max_batch_size=cfg.batching.max_batch_size,
-                    padding_free=cfg.batching.padding_free)
+                         f"{n / max(1, self.executions[m]):.2f})"
+                         for m, n in self.requests.items() if n)
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Load the model, start Triton, block until SIGINT/SIGTERM, then shut down cleanly."""
+    """Start tritonserver on a fresh repository, block until SIGINT/SIGTERM (exit 0) or until
+    tritonserver dies (SystemExit 1), then shut down cleanly."""
+    from bertforge.serve.tritonserver import TritonProcess, python_backend
     check_runtime()
-    from pytriton.triton import Triton, TritonConfig
-    engine = build_engine(cfg)
-    stats = Executions()
     end = cfg.server
-    triton_cfg = TritonConfig(http_address=end.host, http_port=end.http_port,
-                              grpc_address=end.host, grpc_port=end.grpc_port,
-                              metrics_port=end.metrics_port, exit_timeout_secs=end.exit_timeout)
+    check_ports(end)
+    stats = Executions()
 
     def on_stop(signum, frame):  # both end the serve loop the way Ctrl-C does
         raise KeyboardInterrupt
 
     # SIGINT too: a server started in the background of a script inherits SIGINT ignored.
     previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with Triton(config=triton_cfg) as triton:
-            bind_models(triton, engine, cfg.batching, cfg.window.sequence_length, stats)
+    with tempfile.TemporaryDirectory(prefix="bertforge-serve-") as tmp:
+        triton = TritonProcess(write_repository(cfg, Path(tmp) / "models"),
+                               python_backend(Path(tmp) / "backends"),
+                               Path(tmp) / "tritonserver.log", host=end.host,
+                               http_port=end.http_port, grpc_port=end.grpc_port,
+                               metrics_port=end.metrics_port, exit_timeout=end.exit_timeout)
+        died = None
+        try:
+            triton.start()
+            triton.wait_ready(MODEL_NAMES)
             batching = cfg.batching
             print(f"serve: models bert, bert_qa on http://{end.host}:{end.http_port} and "
                   f"grpc {end.host}:{end.grpc_port} (S={cfg.window.sequence_length}, max batch "
                   f"{batching.max_batch_size if batching.dynamic_batching else 1}, dynamic "
                   f"batching {'on' if batching.dynamic_batching else 'off'})", flush=True)
-            triton.serve()
-    except KeyboardInterrupt:
-        # A signal that arrives before serve() (models already ready, as readiness reports
-        # them after bind) lands here; leaving the `with` has stopped tritonserver and its
-        # stubs, so it is a normal stop.
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            while True:
+                try:
+                    code = triton.proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    continue
+                died = (f"serve: tritonserver exited unexpectedly (exit status {code}, "
+                        f"{triton.exit_reason()}); no longer serving")
+                break
+        except KeyboardInterrupt:
+            pass  # a normal stop, also before the models were ready
+        finally:
+            for sig in previous:  # a second Ctrl-C must not cut the orderly stop short
+                signal.signal(sig, signal.SIG_IGN)
+            if triton.proc is not None:
+                for model, (rows, executions) in triton.statistics().items():
+                    stats.add(model, rows, executions)
+                triton.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if died:
+        raise SystemExit(died)
     print(f"serve: stopped; {stats.line() or 'no requests'}", flush=True)

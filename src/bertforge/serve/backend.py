@@ -1,0 +1,140 @@
+"""What the served models do with a batch of Triton requests: check each request on its own,
+run the valid ones together, answer each with its outputs or its own error.
+
+The `model.py` files of `bertforge serve`'s repository (serve/triton_models/) run inside
+Triton's python backend stub and are thin: they turn Triton requests into numpy arrays and
+back. The logic is here, importable and testable without Triton. Why per request: Triton's
+dynamic batcher merges requests of different clients into one `execute` call; one client's
+bad request (a token id outside the vocab, a 10 MB context) must fail alone, with a
+one-line message, while the others of the batch are run (the reason we left PyTriton: its
+proxy answers a failed execution with one error for all). The model needs one check per
+request (vocab bounds, 0/1 masks: a few us for [8, 384] rows), then one run for all.
+
+Cost of isolation: none at the model; a request's rows still run in the same forward pass
+as its neighbours' (serve/qa.py's padding-free batch), so a bad request costs its check only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from bertforge.config.serve import RequestLimitsSection, ServeConfig
+
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BERT_OUTPUTS = ("start_logits", "end_logits")
+QA_INPUTS = ("question", "context")
+# The served repository's model config holds the serve settings as one JSON parameter.
+SETTINGS_PARAMETER = "bertforge_serve_config"
+
+
+def build_engine(cfg: ServeConfig):
+    """The QAEngine of `cfg`'s checkpoint, window shape and batching (values checked by the
+    config's sections; only what needs the model, its position table, is checked here)."""
+    from bertforge.serve.qa import QAEngine, load_qa_checkpoint
+    m, w = cfg.model, cfg.window
+    if m.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    model, tokenizer = load_qa_checkpoint(m.checkpoint_input_dir, m.device, m.precision)
+    if w.sequence_length > model.config.max_position_embeddings:
+        raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
+                         f"max_position_embeddings {model.config.max_position_embeddings}")
+    return QAEngine(model, tokenizer, w, max_batch_size=cfg.batching.max_batch_size,
+                    padding_free=cfg.batching.padding_free)
+
+
+def settings_from_model_config(model_config: str) -> ServeConfig:
+    """The ServeConfig that `bertforge serve` wrote into a model's config.pbtxt (as the
+    python backend hands it to `initialize`: JSON)."""
+    parameters = json.loads(model_config)["parameters"]
+    return ServeConfig.from_flat(json.loads(parameters[SETTINGS_PARAMETER]["string_value"]))
+
+
+@dataclass
+class Outcome:
+    """One request's reply: outputs by name, or the one-line error it gets."""
+
+    outputs: dict[str, np.ndarray] | None = None
+    error: str | None = None
+
+
+def run_bert(engine, requests: list[dict[str, np.ndarray]]) -> list[Outcome]:
+    """`bert`: each request's three INT32 [rows, S] arrays checked alone (QAEngine.check_rows);
+    the valid requests' rows run as one batch and are split back."""
+    outcomes: list[Outcome] = []
+    valid: list[int] = []
+    for k, arrays in enumerate(requests):
+        try:
+            engine.check_rows(*(arrays[n] for n in BERT_INPUTS))
+        except ValueError as err:
+            outcomes.append(Outcome(error=str(err)))
+            continue
+        outcomes.append(Outcome())
+        valid.append(k)
+    if valid:
+        merged = [np.concatenate([requests[k][n] for k in valid]) for n in BERT_INPUTS]
+        start, end = engine.logits(*merged)
+        bounds = np.cumsum([0, *(len(requests[k]["input_ids"]) for k in valid)])
+        for k, lo, hi in zip(valid, bounds, bounds[1:]):
+            outcomes[k].outputs = {"start_logits": start[lo:hi], "end_logits": end[lo:hi]}
+    return outcomes
+
+
+def _texts(column: np.ndarray, name: str, limit: int, flag: str) -> list[str]:
+    """The UTF-8 strings of a BYTES [rows, 1] input; ValueError names the first bad row."""
+    out = []
+    for i, raw in enumerate(column.reshape(-1)):
+        if len(raw) > 4 * limit:  # over the limit whatever it decodes to: skip decoding
+            raise ValueError(f"{name} of row {i} has {len(raw):,} bytes; at most {limit:,} "
+                             f"characters are accepted ({flag} of the server)")
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name} of row {i} is not valid UTF-8 (byte {err.start})") from None
+        if len(text) > limit:
+            raise ValueError(f"{name} of row {i} has {len(text):,} characters; at most "
+                             f"{limit:,} are accepted ({flag} of the server)")
+        if not text.strip():
+            raise ValueError(f"{name} of row {i} is empty")
+        out.append(text)
+    return out
+
+
+def run_qa(engine, requests: list[dict[str, np.ndarray]],
+           limits: RequestLimitsSection) -> list[Outcome]:
+    """`bert_qa`: each request's question/context rows decoded and checked alone (UTF-8,
+    not empty, within the limits); the valid requests' questions answered together by
+    `engine.answer_many` (a QAEngine, or the exported model's BLS answerer)."""
+    outcomes: list[Outcome] = []
+    valid: list[tuple[int, list[str], list[str]]] = []
+    for k, arrays in enumerate(requests):
+        try:
+            if arrays["question"].shape != arrays["context"].shape:
+                raise ValueError(f"question {list(arrays['question'].shape)} and context "
+                                 f"{list(arrays['context'].shape)} must have one shape")
+            questions = _texts(arrays["question"], "question", limits.max_question_chars,
+                               "--max-question-chars")
+            contexts = _texts(arrays["context"], "context", limits.max_context_chars,
+                              "--max-context-chars")
+        except ValueError as err:
+            outcomes.append(Outcome(error=str(err)))
+            continue
+        outcomes.append(Outcome())
+        valid.append((k, questions, contexts))
+    if valid:
+        answers = engine.answer_many([q for _, qs, _ in valid for q in qs],
+                                     [c for _, _, cs in valid for c in cs])
+        lo = 0
+        for k, questions, _ in valid:
+            mine = answers[lo:lo + len(questions)]
+            lo += len(questions)
+            outcomes[k].outputs = {
+                "answer": np.array([[a.text.encode("utf-8")] for a in mine], dtype=np.object_),
+                "score": np.array([[a.score] for a in mine], dtype=np.float32),
+                "start": np.array([[a.start] for a in mine], dtype=np.int32),
+                "end": np.array([[a.end] for a in mine], dtype=np.int32)}
+    return outcomes
