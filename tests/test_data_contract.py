@@ -32,22 +32,6 @@ def test_shards_without_a_manifest_are_described_from_their_records(shards, tmp_
         pretrain(tiny_config(shards, tmp_path / "run", mask_tokens=MASK - 1))
 
 
-@pytest.fixture(scope="module")
-def small_vocab_shards(preprocessed_sample, tmp_path_factory):
-    """The sample tokenized with a 2,000-word vocab (the first lines of bert-base-uncased's,
-    which hold [PAD] [UNK] [CLS] [SEP] [MASK])."""
-    from bertforge.data.instances import InstanceConfig, tokenize
-    from bertforge.data.vocab import default_vocab_file, load_tokenizer
-    root = tmp_path_factory.mktemp("small-vocab")
-    vocab = root / "vocab.txt"
-    vocab.write_text("".join(default_vocab_file().read_text().splitlines(True)[:2000]))
-    text = sorted(preprocessed_sample.rglob("*.txt"))[:1]
-    tokenize(text, root / "shards", InstanceConfig(sequence_length=64, mask_tokens=8,
-                                                   duplication_factor=1),
-             tokenizer=load_tokenizer(vocab_file=vocab), workers=1)
-    return vocab, str(root / "shards")
-
-
 def test_a_custom_vocab_travels_into_every_checkpoint(small_vocab_shards, tmp_path):
     vocab, shards = small_vocab_shards
     common = dict(sequence_length=64, mask_tokens=8, training_steps=1)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertforge.data.instances import InstanceConfig, tokenize
-from bertforge.data.vocab import default_vocab_file, load_tokenizer
+from bertforge.data.vocab import load_tokenizer
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.pretraining import pretrain
 from support import tiny_config
@@ -54,20 +54,13 @@ def test_continue_pretraining_a_hugging_face_encoder(sample_shards, tmp_path, mi
     assert result.history[-1]["mlm_loss"] < 10.4  # ln(30522) = 10.3: not a uniform guess
 
 
-def test_continued_pretraining_refuses_shards_of_another_vocab(preprocessed_sample, tmp_path,
+def test_continued_pretraining_refuses_shards_of_another_vocab(small_vocab_shards, tmp_path,
                                                                minilm_dir):
-    source = minilm_dir
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("".join(default_vocab_file().read_text().splitlines(True)[:2000]))
-    text = sorted(preprocessed_sample.rglob("*.txt"))[:1]
-    tokenize(text, tmp_path / "shards", InstanceConfig(sequence_length=64, mask_tokens=8,
-                                                       duplication_factor=1),
-             tokenizer=load_tokenizer(vocab_file=vocab), workers=1)
+    _, shards = small_vocab_shards
     with pytest.raises(ValueError, match=r"has another vocab than the shards.*tokenize with "
                                          r"--vocab-file .*vocab.txt"):
-        pretrain(tiny_config(str(tmp_path / "shards" / "*.tfrecord"), tmp_path / "run",
-                             sequence_length=64, mask_tokens=8, vocab_size=2000,
-                             checkpoint_input_dir=str(source)))
+        pretrain(tiny_config(shards, tmp_path / "run", sequence_length=64, mask_tokens=8,
+                             vocab_size=2000, checkpoint_input_dir=str(minilm_dir)))
 
 
 def test_phase_2_starts_from_phase_1_with_a_fresh_optimizer(sample_shards, tmp_path):

@@ -62,6 +62,30 @@ class Outcome:
     error: str | None = None
 
 
+def triton_execute(pb_utils, requests, input_names, run) -> list:
+    """A python-backend model's `execute`, shared by the served and exported models: Triton
+    requests -> numpy arrays -> `run` (run_bert, run_qa) -> one response per request. Client
+    errors answer INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); the python backend's default
+    would be INTERNAL (HTTP 500). A bug answers one line per request and logs its traceback
+    on the server only. `pb_utils` is passed in: it exists only inside the stub, and fills in
+    TritonError's codes after the model file is loaded."""
+    def error(message: str, code: str):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+    arrays = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in input_names}
+              for r in requests]
+    try:
+        outcomes = run(arrays)
+    except Exception as err:  # noqa: BLE001 - a bug: one line to clients, traceback to the log
+        import traceback
+        pb_utils.Logger.log_error(traceback.format_exc())
+        return [error(f"internal error: {type(err).__name__}", "INTERNAL") for _ in requests]
+    return [error(o.error, "INVALID_ARG") if o.error is not None else
+            pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in o.outputs.items()])
+            for o in outcomes]
+
+
 def run_bert(engine, requests: list[dict[str, np.ndarray]]) -> list[Outcome]:
     """`bert`: each request's three INT32 [rows, S] arrays checked alone (QAEngine.check_rows);
     the valid requests' rows run as one batch and are split back."""

@@ -11,7 +11,6 @@ Needs `pip install bertforge` (and numpy<2 for the stub) in the container's Pyth
 """
 
 import json
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,6 @@ from bertforge.config.serve import RequestLimitsSection, WindowSection
 from bertforge.data.vocab import load_tokenizer
 from bertforge.serve import backend
 from bertforge.serve.qa import answer_questions
-
-
-def error_response(message, code_name):
-    """An error response with Triton's code `code_name` (INVALID_ARG: HTTP 400)."""
-    code = getattr(pb_utils.TritonError, code_name)
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class BlsAnswerer:
@@ -62,14 +55,6 @@ class TritonPythonModel:
                                     settings["bert_max_batch_size"])
 
     def execute(self, requests):
-        arrays = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()
-                   for n in backend.QA_INPUTS} for r in requests]
-        try:
-            outcomes = backend.run_qa(self.answerer, arrays, self.limits)
-        except Exception as err:  # noqa: BLE001 - one line to clients, traceback to the log
-            pb_utils.Logger.log_error(traceback.format_exc())
-            return [error_response(f"internal error: {type(err).__name__}", "INTERNAL")
-                    for _ in requests]
-        return [error_response(o.error, "INVALID_ARG") if o.error is not None else
-                pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in o.outputs.items()])
-                for o in outcomes]
+        return backend.triton_execute(
+            pb_utils, requests, backend.QA_INPUTS,
+            lambda arrays: backend.run_qa(self.answerer, arrays, self.limits))
