@@ -23,15 +23,21 @@ def section(optimizer: str, **kw) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def lamb_by_hand(x, grads, *, lr, b1, b2, eps, wd, bias_correction, trust_ratio=True):
-    """Algorithm 2 of You et al. 2019 (phi = identity) on plain Python floats."""
-    m, v = [0.0] * len(x), [0.0] * len(x)
-    x = list(x)
+def adam_moments(size, grads, *, b1, b2, bias_correction):
+    """Adam's first and second moments after each gradient, bias-corrected or not, on plain
+    Python floats: (m_hat, v_hat) per step."""
+    m, v = [0.0] * size, [0.0] * size
     for t, g in enumerate(grads, start=1):
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
         v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
-        mh = [mi / (1 - b1 ** t) for mi in m] if bias_correction else m
-        vh = [vi / (1 - b2 ** t) for vi in v] if bias_correction else v
+        yield ([mi / (1 - b1 ** t) for mi in m] if bias_correction else m,
+               [vi / (1 - b2 ** t) for vi in v] if bias_correction else v)
+
+
+def lamb_by_hand(x, grads, *, lr, b1, b2, eps, wd, bias_correction, trust_ratio=True):
+    """Algorithm 2 of You et al. 2019 (phi = identity) on plain Python floats."""
+    x = list(x)
+    for mh, vh in adam_moments(len(x), grads, b1=b1, b2=b2, bias_correction=bias_correction):
         u = [a / (math.sqrt(b) + eps) + wd * xi for a, b, xi in zip(mh, vh, x)]
         x_norm = math.sqrt(sum(xi * xi for xi in x))
         u_norm = math.sqrt(sum(ui * ui for ui in u))
@@ -198,13 +204,8 @@ def test_adamw_uses_reference_eps_groups_and_fused_kernel_on_cpu():
 def adamw_by_hand(x, grads, *, lr, b1, b2, eps, wd, bias_correction):
     """AdamW (Loshchilov & Hutter 2019) on plain Python floats; bias_correction=False is
     poptorch.optim.AdamW(..., bias_correction=False), the reference's optimizer."""
-    m, v = [0.0] * len(x), [0.0] * len(x)
     x = list(x)
-    for t, g in enumerate(grads, start=1):
-        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
-        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
-        mh = [mi / (1 - b1 ** t) for mi in m] if bias_correction else m
-        vh = [vi / (1 - b2 ** t) for vi in v] if bias_correction else v
+    for mh, vh in adam_moments(len(x), grads, b1=b1, b2=b2, bias_correction=bias_correction):
         x = [xi - lr * (a / (math.sqrt(b) + eps) + wd * xi) for xi, a, b in zip(x, mh, vh)]
     return x
 
