@@ -19,7 +19,6 @@ subprocesses from a thread that lives as long as they do (every stage uses its m
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import runpy
 import signal
@@ -29,15 +28,17 @@ from multiprocessing.pool import Pool
 from typing import Any, Callable
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# libc, from the symbols already in this process (no library search: that runs ldconfig, which
+# must not happen in a preexec_fn between fork and exec). Loaded at import, in the parent.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(parent_pid: int) -> None:
     """Have the kernel SIGKILL this process when its parent dies; exit at once if the parent
     (`parent_pid`, as the parent saw itself) already died before the request took effect."""
-    if not sys.platform.startswith("linux"):
+    if _LIBC is None:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return  # not permitted here (seccomp): fall back to the old behaviour
     if os.getppid() != parent_pid:  # reparented already: the parent died before prctl
         os._exit(1)
