@@ -74,7 +74,7 @@ def test_summary_eta_initial_checkpoint_and_keep_last(shards, tmp_path):
     assert "global batch 8 = micro-batch 4 x accumulation 2 x 1 process" in log
     assert "data: 400 records in 2 files" in log and "steps 0 -> 6" in log
     assert "took" in log and "for the 5 steps left" in log
-    assert " - ETA: 0:00:0" in done.stdout
+    assert " - ETA: 00:0" in done.stdout
     assert [d.name for d in ckpt.step_dirs(run)] == ["step_4", "step_6"]  # no step_0, 2 kept
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(l["time"] > 1.7e9 for l in lines) and "eta_s" in lines[-1]

@@ -136,6 +136,16 @@ def test_lamb_bias_group_has_no_trust_ratio_and_no_weight_decay():
     assert (net.dense.bias - before["dense.bias"]).abs().max() <= 0.1 + 1e-6
 
 
+
+def train_side_by_side(nets, opts, steps: int = 5) -> None:
+    """The same `steps` random batches through each (net, optimizer) pair."""
+    for step in range(steps):
+        ids = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(ids).backward()
+            opt.step()
+
 @pytest.mark.parametrize("name", ["LAMB", "LAMBNoBiasCorrection", "AdamWNoBiasCorrection"])
 def test_foreach_and_reference_paths_agree(name):
     # float64, so that the two paths' different rounding (lerp vs mul+add, ~1 ulp per step
@@ -146,12 +156,7 @@ def test_foreach_and_reference_paths_agree(name):
     opts = [build_optimizer(n, section(name)) for n in nets]
     for group in opts[1].param_groups:
         group["foreach"] = False
-    for step in range(5):
-        ids = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(step))
-        for net, opt in zip(nets, opts):
-            opt.zero_grad()
-            net(ids).backward()
-            opt.step()
+    train_side_by_side(nets, opts)
     for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
 
@@ -276,12 +281,7 @@ def test_half_first_moment_is_bf16_and_close_to_fp32(name):
                                          enable_half_first_order_momentum=half))
             for net, half in zip(nets, (False, True))]
     assert isinstance(opts[1], (AdamW, LAMB))  # `AdamW` too: torch's keeps exp_avg in fp32
-    for step in range(5):
-        ids = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(step))
-        for net, opt in zip(nets, opts):
-            opt.zero_grad()
-            net(ids).backward()
-            opt.step()
+    train_side_by_side(nets, opts)
     for p in nets[1].parameters():
         assert opts[1].state[p]["exp_avg"].dtype == torch.bfloat16
         assert opts[1].state[p]["exp_avg_sq"].dtype == torch.float32

@@ -40,11 +40,9 @@ def format_step_line(step: int, total_steps: int, m: dict[str, float],
 
 
 def format_duration(seconds: float) -> str:
-    """1:02:03, with days in front when longer than one (3d 4:05:06)."""
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
+    """[H:]MM:SS, as tqdm's bars show their ETA (tqdm's own formatter)."""
+    from tqdm import tqdm
+    return tqdm.format_interval(seconds)
 
 
 def parameter_statistics(model) -> dict[str, float]:

@@ -53,6 +53,7 @@ forward, so not at the activation peak) and ~2 extra elementwise passes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [g for g in groups if g["params"]]
 
 
-class _AdamFamily(torch.optim.Optimizer):
+class _AdamFamily(torch.optim.Optimizer, ABC):
     """State handling shared by our AdamW and LAMB; subclasses name the update function.
 
     State per parameter: `step` (float32 CPU tensor, as torch's Adam keeps it), `exp_avg`,
@@ -110,8 +111,9 @@ class _AdamFamily(torch.optim.Optimizer):
         self.half_momentum = half_momentum
         super().__init__(params, defaults)
 
+    @abstractmethod
     def _update(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
-        raise NotImplementedError
+        """One step of `group`'s parameters that have a gradient (the subclass's formula)."""
 
     @torch.no_grad()
     def step(self, closure=None):
