@@ -7,6 +7,8 @@ on --device (cpu, or cuda: benchmarks/gpu_check.py runs it so where PyTriton is 
   on          dynamic batching (max batch 32, --max-queue-delay-us), padding-free engine;
   off         one row per execution, the same padding-free engine (a row trimmed to its length);
   off-padded  one row per execution on the padded row as sent (--no-padding-free: stock);
+  on-torch, off-torch  (--torch-runtime) on and off with --runtime torch, the PyTorch engine
+              (on and off take the default runtime: ONNX Runtime on CPU in fp32);
 and with --onnxruntime the stock Triton + ONNX Runtime stack on the exported repository
 (benchmarks/triton_stack.py), ort-on with dynamic batching and ort-off with max batch 1;
 and against each runs the serve-bench client (gRPC, --mode sync|async, 1/4/8 clients, every
@@ -63,7 +65,8 @@ def make_model(path: Path, shape: str) -> Path:
     return path
 
 
-def start_server(model: Path, args, batching: bool, log: Path, padding_free: bool = True):
+def start_server(model: Path, args, batching: bool, log: Path, padding_free: bool = True,
+                 runtime: str = "auto"):
     import tritonclient.http as httpclient
 
     from triton_stack import free_ports
@@ -72,7 +75,7 @@ def start_server(model: Path, args, batching: bool, log: Path, padding_free: boo
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
            "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--precision", args.precision, "--device", args.device]
+           "--precision", args.precision, "--device", args.device, "--runtime", runtime]
     if not batching:
         cmd.append("--no-dynamic-batching")
     if not padding_free:
@@ -159,7 +162,8 @@ def bench_bert(model, urls: dict[str, str], args) -> dict[str, dict[int, list[fl
                 total.latencies_ms += result.latencies_ms
         for label, total in merged.items():
             print(f"bert batching: {label} {total.line(args.mode, 'grpc')}", flush=True)
-        for on, off in (("on", "off"), ("ort-on", "ort-off"), ("on", "ort-on")):
+        for on, off in (("on", "off"), ("ort-on", "ort-off"), ("on", "ort-on"),
+                        ("off", "ort-off"), ("on", "on-torch"), ("off", "off-torch")):
             if on in rates and off in rates:
                 ratios = [a / b for a, b in zip(rates[on][clients], rates[off][clients])]
                 print(f"clients: {clients} {on}/{off} per round: "
@@ -228,6 +232,10 @@ def main() -> None:
                    help="where the servers (and the in-process reference) run the model")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="clients wait for each reply (sync) or keep 4 requests in flight")
+    p.add_argument("--torch-runtime", action="store_true",
+                   help="also `on-torch` / `off-torch`: the servers on and off with --runtime "
+                        "torch (the PyTorch padding-free engine; on and off take the default "
+                        "runtime, ONNX Runtime on CPU in fp32)")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also the exported repository on Triton + ONNX Runtime (fp32 only)")
     args = p.parse_args()
@@ -237,10 +245,14 @@ def main() -> None:
         model = make_model(Path(tmp) / "model", args.shape)
         servers = {}
         try:
-            for batching, padding_free, label in ((True, True, "on"), (False, True, "off"),
-                                                  (False, False, "off-padded")):
+            settings = [(True, True, "auto", "on"), (False, True, "auto", "off"),
+                        (False, False, "auto", "off-padded")]
+            if args.torch_runtime:
+                settings += [(True, True, "torch", "on-torch"), (False, True, "torch", "off-torch")]
+            for batching, padding_free, runtime, label in settings:
                 servers[label] = start_server(model, args, batching,
-                                              Path(tmp) / f"serve-{label}.log", padding_free)
+                                              Path(tmp) / f"serve-{label}.log", padding_free,
+                                              runtime)
             if args.onnxruntime:
                 servers.update(start_onnxruntime(model, args, Path(tmp)))
             rates = bench_bert(model, {label: url for label, (_, url) in servers.items()}, args)

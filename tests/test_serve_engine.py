@@ -1,6 +1,6 @@
 """The serving engine's padding-free path, in both layouts (flat: all rows in one row under
-variable-length attention; packs: up to 3 rows a packed row under the block-diagonal mask),
-against its reference path (the stock model on the padded rows): same logits at every real
+variable-length attention; packs: up to 3 rows a packed row under the block-diagonal mask)
+and under ONNX Runtime (each row trimmed, serve/onnx_rows.py), against its reference path (the stock model on the padded rows): same logits at every real
 position, PAD_LOGIT at padding, whatever the mix of lengths; masks that are not right-padded
 take the padded path. No server here (tests/test_serve.py starts one), so these run without
 PyTriton."""
@@ -41,7 +41,7 @@ def test_default_layout_is_flat_in_cpu_fp32_and_where_varlen_has_a_kernel(tmp_pa
         QAEngine(model, None, SPEC, layout="rows")
 
 
-def _agree(engine, rows, calls: list | None = None):
+def _agree(engine, rows):
     args = [rows[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
     got = engine.logits(*args)
     want = engine.padded_logits(*args)
@@ -142,3 +142,55 @@ def test_backend_answers_each_request_alone(engine):
     want = engine.answer_many(["Who?"], ["Rollo led the Normans."])[0]
     assert outcomes[0].outputs["answer"][0, 0].decode() == want.text
     assert outcomes[0].outputs["start"][0, 0] == want.start
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from bertforge.config.serve import ServeConfig
+    from bertforge.serve.backend import build_engine
+    qa_dir = tiny_qa_model(tmp_path_factory.mktemp("qa") / "m", seed=1)
+    engine = build_engine(ServeConfig(checkpoint_input_dir=qa_dir, sequence_length=S,
+                                      max_query_length=16, doc_stride=16))  # runtime auto
+    assert engine.onnx is not None and engine.onnx.parity <= 1e-4
+    return engine
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9, 32])
+def test_onnxruntime_rows_equal_the_padded_reference(onnx_engine, batch, monkeypatch):
+    rows = synthetic_rows(batch, S, onnx_engine.vocab_size, seed=batch)
+    rows["attention_mask"][0] = 0  # a row with no real token: not run, all PAD_LOGIT
+    rows["input_ids"][0] = 0
+    if batch > 1:
+        rows["attention_mask"][1] = 1  # a full row
+    runs = []
+    run = onnx_engine.onnx.session.run
+    monkeypatch.setattr(onnx_engine.onnx.session, "run",
+                        lambda names, feed: runs.append(feed["input_ids"].shape) or run(names, feed))
+    _agree(onnx_engine, rows)
+    lengths = rows["attention_mask"].sum(1)
+    assert runs == [(1, int(n)) for n in lengths if n]  # one run per real row, trimmed
+
+
+def test_onnxruntime_row_alone_equals_row_in_a_batch_and_holes_take_the_padded_path(onnx_engine):
+    rows = synthetic_rows(6, S, onnx_engine.vocab_size, seed=21)
+    args = [rows[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    together = onnx_engine.logits(*args)
+    alone = onnx_engine.logits(*(a[3:4] for a in args))
+    np.testing.assert_array_equal(alone[0], together[0][3:4])
+    rows["attention_mask"][2, :3] = 0  # not right-padded: the stock PyTorch model, masked
+    onnx_engine.onnx, saved = None, onnx_engine.onnx  # the ONNX path must not be needed
+    try:
+        _agree(onnx_engine, rows)
+    finally:
+        onnx_engine.onnx = saved
+
+
+def test_runtime_choice(tmp_path):
+    from bertforge.config.serve import ServeConfig
+    cfg = lambda **kw: ServeConfig(checkpoint_input_dir=str(tmp_path), **kw)  # noqa: E731
+    assert cfg().model.engine_runtime() == "onnxruntime"
+    assert cfg(precision="bf16").model.engine_runtime() == "torch"
+    assert cfg(runtime="torch").model.engine_runtime() == "torch"
+    with pytest.raises(ValueError, match="--runtime torch"):
+        cfg(runtime="onnxruntime", precision="bf16")

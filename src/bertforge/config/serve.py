@@ -58,10 +58,24 @@ class ServedModelSection(Section):
     device: Literal["cpu", "cuda"] = opt("cpu", "where the model runs")
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of weights and activations "
                                                      "(fp16 needs --device cuda)")
+    runtime: Literal["auto", "torch", "onnxruntime"] = opt(
+        "auto", "what runs the model: 'onnxruntime' (CPU fp32 only: the model exported to ONNX "
+        "at start-up, each row run trimmed to its length), 'torch' (the padding-free PyTorch "
+        "engine), 'auto': onnxruntime on CPU in fp32, torch otherwise")
 
     def check(self) -> None:
         if self.precision == "fp16" and self.device == "cpu":
             self.fail("precision", "fp16 needs --device cuda; use fp32 or bf16 on CPU")
+        if self.runtime == "onnxruntime" and (self.device, self.precision) != ("cpu", "fp32"):
+            self.fail("runtime", f"onnxruntime runs CPU fp32 here (got --device {self.device} "
+                      f"--precision {self.precision}); use --runtime torch")
+
+    def engine_runtime(self) -> str:
+        """The runtime 'auto' stands for on this device and precision (measured fastest:
+        serve/qa.py)."""
+        if self.runtime != "auto":
+            return self.runtime
+        return "onnxruntime" if (self.device, self.precision) == ("cpu", "fp32") else "torch"
 
 
 @dataclass

@@ -16,12 +16,14 @@ as its neighbours' (serve/qa.py's padding-free batch), so a bad request costs it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from bertforge.config.serve import RequestLimitsSection, ServeConfig
+from bertforge.config.serve import RequestLimitsSection, ServeConfig, WindowSection
 
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BERT_OUTPUTS = ("start_logits", "end_logits")
@@ -43,8 +45,56 @@ def build_engine(cfg: ServeConfig):
     if w.sequence_length > model.config.max_position_embeddings:
         raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
+    onnx = None
+    if m.engine_runtime() == "onnxruntime":
+        import torch
+
+        from bertforge.serve.onnx_rows import OnnxRows
+        # Before QAEngine picks its attention implementation: the export traces the stock one.
+        onnx = OnnxRows(model, w.sequence_length, threads=torch.get_num_threads())
     return QAEngine(model, tokenizer, w, max_batch_size=cfg.batching.max_batch_size,
-                    padding_free=cfg.batching.padding_free)
+                    padding_free=cfg.batching.padding_free, onnx=onnx)
+
+
+class BlsAnswerer:
+    """QAEngine.answer_many with the logits from the repository's `bert` model, called through
+    Triton's BLS from inside `bert_qa`'s stub, in calls of up to `max_batch_size` windows
+    (bert's own max batch)."""
+
+    def __init__(self, pb_utils, tokenizer, window: WindowSection, max_batch_size: int):
+        self.pb_utils, self.tokenizer = pb_utils, tokenizer
+        self.window, self.max_batch_size = window, max_batch_size
+
+    def logits(self, input_ids, attention_mask, token_type_ids):
+        pb = self.pb_utils
+        inputs = [pb.Tensor(n, np.ascontiguousarray(a, dtype=np.int32)) for n, a in
+                  zip(BERT_INPUTS, (input_ids, attention_mask, token_type_ids))]
+        response = pb.InferenceRequest(model_name="bert", inputs=inputs,
+                                       requested_output_names=list(BERT_OUTPUTS)).exec()
+        if response.has_error():
+            raise RuntimeError(f"bert: {response.error().message()}")
+        return tuple(pb.get_output_tensor_by_name(response, n).as_numpy() for n in BERT_OUTPUTS)
+
+    def answer_many(self, questions: list[str], contexts: list[str]):
+        from bertforge.serve.qa import answer_questions
+        return answer_questions(questions, contexts, self.tokenizer, self.window, self.logits,
+                                max_batch_size=self.max_batch_size)
+
+
+def qa_settings(window: WindowSection, limits: RequestLimitsSection,
+                bert_max_batch_size: int) -> dict:
+    """bert_qa's settings parameter (read back by `bls_answerer`)."""
+    return {"window": dataclasses.asdict(window), "limits": dataclasses.asdict(limits),
+            "bert_max_batch_size": bert_max_batch_size}
+
+
+def bls_answerer(pb_utils, folder: Path, settings: dict
+                 ) -> tuple[BlsAnswerer, RequestLimitsSection]:
+    """bert_qa's answerer (tokenizer files in `folder`) and request limits from its settings."""
+    from bertforge.data.vocab import load_tokenizer
+    answerer = BlsAnswerer(pb_utils, load_tokenizer(name_or_path=str(folder)),
+                           WindowSection(**settings["window"]), settings["bert_max_batch_size"])
+    return answerer, RequestLimitsSection(**settings["limits"])
 
 
 def settings_from_model_config(model_config: str) -> ServeConfig:

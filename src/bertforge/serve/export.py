@@ -5,7 +5,7 @@
   the same names and dtypes as the served `bert` model, so a client works with either.
 - `--format triton-repo`: `<out>/bert/1/model.onnx` + `<out>/bert/config.pbtxt` for Triton's
   onnxruntime backend, dynamic batching on, and `<out>/bert_qa/`: question + context text in,
-  answer out, a python-backend model (serve/triton_models/export_bert_qa/model.py) with the
+  answer out, a python-backend model (serve/triton_models/bert_qa/model.py, as served) with the
   checkpoint's tokenizer files that windows the context, asks `bert` for logits through BLS
   and post-processes as `bertforge serve` does; `tritonserver --model-repository <out>` in an
   NGC container loads both (bert_qa needs `pip install bertforge` in the container's Python;
@@ -126,29 +126,6 @@ def export(checkpoint_dir: Path | str, output_dir: Path | str, *, fmt: str,
                                    format=fmt, **settings))
 
 
-def write_qa_model(cfg: ExportConfig, path: Path) -> None:
-    """The repository's `bert_qa` at `path`: model.py (python backend, calls `bert` through
-    BLS), the checkpoint's tokenizer files beside it, config.pbtxt with window and limits."""
-    import dataclasses
-    import shutil
-
-    from bertforge.data.vocab import save_tokenizer_files
-    from bertforge.serve.server import (MODELS, QA_INPUT_TENSORS, QA_OUTPUT_TENSORS,
-                                        python_model_config)
-    from bertforge.train.checkpoint import resolve_checkpoint
-    b = cfg.batching
-    (path / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copy(MODELS / "export_bert_qa" / "model.py", path / "1" / "model.py")
-    save_tokenizer_files(path / "1", name_or_path=str(resolve_checkpoint(
-        cfg.export.checkpoint_input_dir)))
-    settings = {"window": dataclasses.asdict(cfg.export.window()),
-                "limits": dataclasses.asdict(cfg.limits),
-                "bert_max_batch_size": b.max_batch_size}
-    (path / "config.pbtxt").write_text(python_model_config(
-        "bert_qa", max(1, b.max_batch_size // 4), QA_INPUT_TENSORS, QA_OUTPUT_TENSORS,
-        b.max_queue_delay_us, settings))
-
-
 def run_export(cfg: ExportConfig) -> list[str]:
     """Export (see module docstring); returns one line per thing written or checked."""
     from bertforge.serve.qa import load_qa_checkpoint
@@ -170,7 +147,10 @@ def run_export(cfg: ExportConfig) -> list[str]:
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
              f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {seq} tokens"]
     if e.format == "triton-repo":
-        write_qa_model(cfg, output_dir / "bert_qa")
+        from bertforge.serve.server import write_qa_model
+        write_qa_model(output_dir / "bert_qa", e.checkpoint_input_dir, e.window(), cfg.limits,
+                       bert_max_batch_size=batching.max_batch_size,
+                       max_queue_delay_us=batching.max_queue_delay_us)
         lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} and {output_dir / 'bert_qa'}"
                      f" (text in, answer out; needs bertforge in the server's Python) "
                      f"(tritonserver --model-repository {output_dir})")

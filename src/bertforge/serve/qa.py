@@ -42,6 +42,7 @@ from bertforge import rows
 from bertforge.config.serve import WindowSection
 from bertforge.data.packing import pack_lengths
 from bertforge.model.attention import VARLEN, implementation
+from bertforge.serve.onnx_rows import OnnxRows
 from bertforge.squad.data import SquadExample
 from bertforge.squad.features import build_windows, pad_windows
 from bertforge.squad.forward import QuestionAnsweringRows
@@ -102,8 +103,11 @@ class QAEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: WindowSection, *,
                  max_batch_size: int = 32, n_best_size: int = 20, max_answer_length: int = 30,
-                 padding_free: bool = True, layout: str | None = None):
+                 padding_free: bool = True, layout: str | None = None,
+                 onnx: OnnxRows | None = None):
         self.model = model
+        # Set: right-padded rows run under ONNX Runtime, one at a time (serve/onnx_rows.py).
+        self.onnx = onnx
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_batch_size = max_batch_size
@@ -174,10 +178,14 @@ class QAEngine:
                       lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The padding-free path for right-padded rows of real `lengths`: the rows laid out
         by `self.layout` (module docstring), run, and scattered back to [B, S] with PAD_LOGIT
-        at padding. A single row is only trimmed to its length."""
+        at padding. A single row is only trimmed to its length. With `onnx`, each row is run
+        trimmed by ONNX Runtime instead."""
         batch, seq_len = input_ids.shape
         start = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
         end = np.full((batch, seq_len), PAD_LOGIT, dtype=np.float32)
+        if self.onnx is not None:
+            self.onnx.logits(input_ids, token_type_ids, lengths, start, end)
+            return start, end
         real = np.nonzero(lengths)[0]
         if len(real) == 1:
             i, n = int(real[0]), int(lengths[real[0]])
@@ -217,7 +225,7 @@ def answer_questions(questions: list[str], contexts: list[str], tokenizer, spec:
     into overlapping windows and the best span over all of them wins. `logits(input_ids,
     attention_mask, token_type_ids)` runs up to `max_batch_size` windows (int arrays [B, L])
     and returns float32 start/end logits [B, L]: QAEngine.logits in process, a BLS call to
-    `bert` in the exported repository's `bert_qa` (serve/triton_models/export_bert_qa)."""
+    `bert` in the served and exported `bert_qa` (serve/backend.py BlsAnswerer)."""
     for i, (q, c) in enumerate(zip(questions, contexts)):
         if not c.strip():
             raise ValueError(f"request row {i}: the context is empty")

@@ -8,14 +8,19 @@
   them; `--no-padding-free` runs the rows as sent, with the same outputs.
 - `bert_qa`: question, context BYTES [-1, 1] (UTF-8) -> answer BYTES, score FP32, start/end
   INT32 (character offsets into the context); long contexts are windowed and answers
-  post-processed by the SQuAD code (serve/qa.py).
+  post-processed by the SQuAD code (serve/qa.py); the windows' logits come from `bert`
+  through Triton's BLS, so the model is loaded once and bert_qa's windows join bert's
+  dynamic batches. The same model.py is the exported repository's bert_qa.
 
 How: at start-up this writes a model repository into a temporary folder, the two models'
 `model.py` (serve/triton_models/, thin wrappers of serve/backend.py) with a config.pbtxt
-each that carries the serve settings as a parameter, and runs the tritonserver 2.51 that the
-PyTriton wheel bundles on it, directly (serve/tritonserver.py): each model loads the
-checkpoint in its own python backend stub process and Triton talks to it over shared memory,
-one hop less than PyTriton's proxy (which added ~5 ms a request).
+each that carries the settings as a parameter (and bert_qa's tokenizer files), and runs the
+tritonserver 2.51 that the PyTriton wheel bundles on it, directly (serve/tritonserver.py):
+`bert` loads the checkpoint in its python backend stub process and Triton talks to it over
+shared memory, one hop less than PyTriton's proxy (which added ~5 ms a request). What runs
+the model (--runtime): on CPU in fp32 ONNX Runtime, each row trimmed to its length
+(serve/onnx_rows.py: 2x eager PyTorch at one row, even with the batched PyTorch engine at
+8+), elsewhere the padding-free PyTorch engine (serve/qa.py).
 
 Errors. Triton checks dtype and shape of every request (a sequence longer than S is a shape
 error there). Content is checked per request in `execute` (serve/backend.py): token ids
@@ -61,7 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bertforge.config.serve import EndpointSection, ServeConfig
+from bertforge.config.serve import (EndpointSection, RequestLimitsSection, ServeConfig,
+                                    WindowSection)
 from bertforge.serve.backend import SETTINGS_PARAMETER, build_engine  # noqa: F401 (re-export)
 
 MODELS = Path(__file__).with_name("triton_models")
@@ -117,29 +123,47 @@ def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: l
     return "\n".join(lines) + "\n"
 
 
-def model_config(name: str, cfg: ServeConfig) -> str:
-    """config.pbtxt of a served model, `cfg` (flat) as its settings parameter."""
+def bert_config(cfg: ServeConfig) -> str:
+    """config.pbtxt of the served `bert`, `cfg` (flat) as its settings parameter."""
     b, seq = cfg.batching, cfg.window.sequence_length
-    delay = b.max_queue_delay_us if b.dynamic_batching else None
-    if name == "bert":
-        return python_model_config(
-            name, b.max_batch_size if b.dynamic_batching else 1,
-            [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
-            [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")], delay,
-            cfg.to_flat())
+    return python_model_config(
+        "bert", b.max_batch_size if b.dynamic_batching else 1,
+        [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
+        [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")],
+        b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat())
+
+
+def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
+                   limits: RequestLimitsSection, *, bert_max_batch_size: int,
+                   max_queue_delay_us: int | None) -> None:
+    """`bert_qa` at `path`, as served and as exported: model.py (python backend, calls `bert`
+    through BLS in calls of up to `bert_max_batch_size` windows), the checkpoint's tokenizer
+    files beside it, config.pbtxt with window and limits; dynamic batching unless
+    `max_queue_delay_us` is None."""
+    from bertforge.data.vocab import save_tokenizer_files
+    from bertforge.serve.backend import qa_settings
+    from bertforge.train.checkpoint import resolve_checkpoint
+    (path / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(MODELS / "bert_qa" / "model.py", path / "1" / "model.py")
+    save_tokenizer_files(path / "1", name_or_path=str(resolve_checkpoint(checkpoint_dir)))
     # A question is ~1-10 windows: a quarter of bert's rows keeps one execution's work alike.
-    return python_model_config(name, max(1, b.max_batch_size // 4) if b.dynamic_batching else 1,
-                               QA_INPUT_TENSORS, QA_OUTPUT_TENSORS, delay, cfg.to_flat())
+    max_batch_size = max(1, bert_max_batch_size // 4) if max_queue_delay_us is not None else 1
+    (path / "config.pbtxt").write_text(python_model_config(
+        "bert_qa", max_batch_size, QA_INPUT_TENSORS, QA_OUTPUT_TENSORS, max_queue_delay_us,
+        qa_settings(window, limits, bert_max_batch_size)))
 
 
 def write_repository(cfg: ServeConfig, path: Path) -> Path:
-    """The model repository of `cfg` at `path`: bert/ and bert_qa/, each model.py + config."""
+    """The model repository of `cfg` at `path`: bert/ (model.py + config) and bert_qa/."""
     flat_cfg = ServeConfig.from_flat({**cfg.to_flat(), "checkpoint_input_dir": str(
         Path(cfg.model.checkpoint_input_dir).resolve())})
-    for name in MODEL_NAMES:
-        (path / name / "1").mkdir(parents=True)
-        shutil.copy(MODELS / name / "model.py", path / name / "1" / "model.py")
-        (path / name / "config.pbtxt").write_text(model_config(name, flat_cfg))
+    (path / "bert" / "1").mkdir(parents=True)
+    shutil.copy(MODELS / "bert" / "model.py", path / "bert" / "1" / "model.py")
+    (path / "bert" / "config.pbtxt").write_text(bert_config(flat_cfg))
+    b = cfg.batching
+    write_qa_model(path / "bert_qa", flat_cfg.model.checkpoint_input_dir, cfg.window, cfg.limits,
+                   bert_max_batch_size=b.max_batch_size if b.dynamic_batching else 1,
+                   max_queue_delay_us=b.max_queue_delay_us if b.dynamic_batching else None)
     return path
 
 
