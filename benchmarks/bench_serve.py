@@ -75,7 +75,8 @@ def start_server(model: Path, args, batching: bool, log: Path, padding_free: boo
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--sequence-length", str(args.sequence_length), "--max-query-length", "32",
            "--doc-stride", "32", "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--precision", args.precision, "--device", args.device, "--runtime", runtime]
+           "--precision", args.precision, "--device", args.device, "--runtime", runtime,
+           "--model-instances", str(args.model_instances)]
     if not batching:
         cmd.append("--no-dynamic-batching")
     if not padding_free:
@@ -112,7 +113,8 @@ def start_onnxruntime(model: Path, args, tmp: Path) -> dict:
     servers = {}
     for label, max_batch in (("ort-on", 32), ("ort-off", 1)):
         export(model, tmp / label, fmt="triton-repo", sequence_length=args.sequence_length,
-               max_batch_size=max_batch, max_queue_delay_us=args.max_queue_delay_us)
+               max_batch_size=max_batch, max_queue_delay_us=args.max_queue_delay_us,
+               model_instances=args.model_instances)
         log = tmp / f"serve-{label}.log"
         proc, grpc, http = start_tritonserver(tmp / label, backends, log)
         servers[label] = (proc, grpc)
@@ -226,7 +228,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="turns of the servers per client count (ratios: median)")
     p.add_argument("--qa-requests", type=int, default=25, help="questions per client")
-    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="every server's (default: serve's default preset, 0)")
+    p.add_argument("--model-instances", type=int, default=2,
+                   help="every server's model instances, stock stack's too (default: serve's "
+                        "default preset, 2)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the servers (and the in-process reference) run the model")

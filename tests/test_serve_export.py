@@ -59,7 +59,8 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     out = tmp_path / "repo"
     assert main(["export", "--checkpoint-input-dir", str(qa_dir), "--format", "triton-repo",
                  "--output-dir", str(out), "--sequence-length", "24", "--doc-stride", "4",
-                 "--max-query-length", "8", "--max-batch-size", "16"]) == 0
+                 "--max-query-length", "8", "--max-batch-size", "16",
+                 "--model-instances", "2"]) == 0
     assert (out / "bert" / "1" / "model.onnx").exists()
     # bert_qa: text in, answer out (python backend), with the checkpoint's tokenizer files.
     assert (out / "bert_qa" / "1" / "model.py").exists()
@@ -79,12 +80,47 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     assert [o.name for o in parsed.output] == list(OUTPUTS)
     assert all(list(t.dims) == [-1] for t in [*parsed.input, *parsed.output])
     assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert parsed.instance_group[0].count == 2  # each with half the cores, not all of them
+    threads = int(parsed.parameters["intra_op_thread_count"].string_value)
+    assert threads == max(1, torch.get_num_threads() // 2)
     qa = text_format.Parse((out / "bert_qa" / "config.pbtxt").read_text(),
                            model_config_pb2.ModelConfig())
     assert qa.backend == "python" and [i.name for i in qa.input] == ["question", "context"]
     assert [o.name for o in qa.output] == ["answer", "score", "start", "end"]
     settings = json.loads(qa.parameters["bertforge_serve_config"].string_value)
     assert settings["window"] == {"sequence_length": 24, "doc_stride": 4, "max_query_length": 8}
+    assert settings["bert_max_batch_size"] == 16 and qa.instance_group[0].count == 2
+
+
+@pytest.mark.parametrize("dynamic_batching", [True, False])
+def test_served_repository(qa_dir, tmp_path, dynamic_batching):
+    """`bertforge serve`'s repository: bert with the serve settings, bert_qa the exported
+    model.py with tokenizer files; without dynamic batching bert takes 1 row and bert_qa asks
+    it for 1 window at a time."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from bertforge.serve.backend import settings_from_model_config
+    from bertforge.serve.server import MODELS, ServeConfig, write_repository
+    cfg = ServeConfig(checkpoint_input_dir=str(qa_dir), sequence_length=24, doc_stride=4,
+                      max_query_length=8, max_batch_size=16, model_instances=3,
+                      dynamic_batching=dynamic_batching)
+    repo = write_repository(cfg, tmp_path / "models")
+    parse = lambda m: text_format.Parse((repo / m / "config.pbtxt").read_text(),  # noqa: E731
+                                        model_config_pb2.ModelConfig())
+    bert, qa = parse("bert"), parse("bert_qa")
+    assert bert.max_batch_size == (16 if dynamic_batching else 1)
+    assert bert.instance_group[0].count == qa.instance_group[0].count == 3
+    assert bert.HasField("dynamic_batching") == qa.HasField("dynamic_batching") == dynamic_batching
+    served = settings_from_model_config(json.dumps(
+        {"parameters": {k: {"string_value": v.string_value} for k, v in bert.parameters.items()}}))
+    assert served.model.checkpoint_input_dir == str(qa_dir.resolve())
+    assert served.batching.model_instances == 3
+    settings = json.loads(qa.parameters["bertforge_serve_config"].string_value)
+    assert settings["bert_max_batch_size"] == (16 if dynamic_batching else 1)
+    assert (repo / "bert_qa" / "1" / "tokenizer.json").exists()
+    assert ((repo / "bert_qa" / "1" / "model.py").read_bytes()
+            == (MODELS / "bert_qa" / "model.py").read_bytes())
 
 
 def test_export_without_qa_head_is_a_user_error(tmp_path, capsys):

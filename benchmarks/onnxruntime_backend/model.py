@@ -24,7 +24,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         name = config.get("default_model_filename") or "model.onnx"
         path = Path(args["model_repository"]) / args["model_version"] / name
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # The real backend's parameter (0 or absent: onnxruntime's default, every core).
+        threads = config.get("parameters", {}).get("intra_op_thread_count", {})
+        options.intra_op_num_threads = int(threads.get("string_value", 0))
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 

@@ -45,6 +45,9 @@ class BatchingSection(Section):
     max_queue_delay_us: int = opt(2000, "how long the dynamic batcher waits to fill a batch; a "
                                   "lone request waits this long too, so 0 suits one client at a "
                                   "time (under load batches still form from the queue)", ge=0)
+    model_instances: int = opt(1, "copies of each model (Triton's instance_group count), each "
+                               "in its own process with 1/N of the CPU threads: more "
+                               "throughput from many clients", ge=1)
 
 
 # ---------------------------------------------------------------- bertforge serve

@@ -104,16 +104,25 @@ def check_onnx(model: torch.nn.Module, path: Path, sequence_length: int) -> floa
     return diff
 
 
-def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int) -> str:
-    """config.pbtxt of the onnxruntime backend; -1 = dynamic sequence length."""
+def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int,
+                  instances: int = 1) -> str:
+    """config.pbtxt of the onnxruntime backend; -1 = dynamic sequence length. With several
+    `instances`, each gets this machine's cores / instances intra-op threads (the backend's
+    `intra_op_thread_count`; its default, every core per instance, oversubscribes the CPU):
+    edit it for a serving machine with another core count."""
     def tensor(n: str, dtype: str) -> str:
         return f'  {{ name: "{n}" data_type: {dtype} dims: [ -1 ] }}'
-    return "\n".join([
+    lines = [
         f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
         "input [", ",\n".join(tensor(n, "TYPE_INT32") for n in INPUTS), "]",
         "output [", ",\n".join(tensor(n, "TYPE_FP32") for n in OUTPUTS), "]",
         f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}",
-        "instance_group [ { kind: KIND_CPU count: 1 } ]", ""])
+        f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
+    if instances > 1:
+        threads = max(1, torch.get_num_threads() // instances)
+        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: '
+                     f'"{threads}" }} }}')
+    return "\n".join(lines + [""])
 
 
 def export(checkpoint_dir: Path | str, output_dir: Path | str, *, fmt: str,
@@ -141,7 +150,7 @@ def run_export(cfg: ExportConfig) -> list[str]:
         config = output_dir / "bert" / "config.pbtxt"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(triton_config("bert", batching.max_batch_size,
-                                        batching.max_queue_delay_us))
+                                        batching.max_queue_delay_us, batching.model_instances))
     export_onnx(model, onnx_path, sequence_length=seq, opset=e.opset)
     diff = check_onnx(model, onnx_path, seq)
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
@@ -150,7 +159,8 @@ def run_export(cfg: ExportConfig) -> list[str]:
         from bertforge.serve.server import write_qa_model
         write_qa_model(output_dir / "bert_qa", e.checkpoint_input_dir, e.window(), cfg.limits,
                        bert_max_batch_size=batching.max_batch_size,
-                       max_queue_delay_us=batching.max_queue_delay_us)
+                       max_queue_delay_us=batching.max_queue_delay_us,
+                       instances=batching.model_instances)
         lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} and {output_dir / 'bert_qa'}"
                      f" (text in, answer out; needs bertforge in the server's Python) "
                      f"(tritonserver --model-repository {output_dir})")

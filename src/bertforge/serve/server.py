@@ -106,9 +106,9 @@ QA_OUTPUT_TENSORS = [("answer", "TYPE_STRING", 1), ("score", "TYPE_FP32", 1),
 
 
 def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: list,
-                        max_queue_delay_us: int | None, settings: dict) -> str:
-    """config.pbtxt of a python-backend model: one CPU instance (a CUDA --device is the
-    engine's, inside the stub), `settings` as one JSON parameter, dynamic batching unless
+                        max_queue_delay_us: int | None, settings: dict, instances: int = 1) -> str:
+    """config.pbtxt of a python-backend model: `instances` CPU instances (a CUDA --device is
+    the engine's, inside the stub), `settings` as one JSON parameter, dynamic batching unless
     `max_queue_delay_us` is None."""
     def tensors(specs):
         return ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}'
@@ -116,7 +116,7 @@ def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: l
     value = json.dumps(json.dumps(settings, ensure_ascii=False), ensure_ascii=False)
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}",
              "input [", tensors(inputs), "]", "output [", tensors(outputs), "]",
-             "instance_group [ { kind: KIND_CPU count: 1 } ]",
+             f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]",
              f'parameters: {{ key: "{SETTINGS_PARAMETER}" value: {{ string_value: {value} }} }}']
     if max_queue_delay_us is not None:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
@@ -130,12 +130,12 @@ def bert_config(cfg: ServeConfig) -> str:
         "bert", b.max_batch_size if b.dynamic_batching else 1,
         [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
         [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")],
-        b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat())
+        b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat(), b.model_instances)
 
 
 def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
                    limits: RequestLimitsSection, *, bert_max_batch_size: int,
-                   max_queue_delay_us: int | None) -> None:
+                   max_queue_delay_us: int | None, instances: int = 1) -> None:
     """`bert_qa` at `path`, as served and as exported: model.py (python backend, calls `bert`
     through BLS in calls of up to `bert_max_batch_size` windows), the checkpoint's tokenizer
     files beside it, config.pbtxt with window and limits; dynamic batching unless
@@ -150,7 +150,7 @@ def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
     max_batch_size = max(1, bert_max_batch_size // 4) if max_queue_delay_us is not None else 1
     (path / "config.pbtxt").write_text(python_model_config(
         "bert_qa", max_batch_size, QA_INPUT_TENSORS, QA_OUTPUT_TENSORS, max_queue_delay_us,
-        qa_settings(window, limits, bert_max_batch_size)))
+        qa_settings(window, limits, bert_max_batch_size), instances))
 
 
 def write_repository(cfg: ServeConfig, path: Path) -> Path:
@@ -163,7 +163,8 @@ def write_repository(cfg: ServeConfig, path: Path) -> Path:
     b = cfg.batching
     write_qa_model(path / "bert_qa", flat_cfg.model.checkpoint_input_dir, cfg.window, cfg.limits,
                    bert_max_batch_size=b.max_batch_size if b.dynamic_batching else 1,
-                   max_queue_delay_us=b.max_queue_delay_us if b.dynamic_batching else None)
+                   max_queue_delay_us=b.max_queue_delay_us if b.dynamic_batching else None,
+                   instances=b.model_instances)
     return path
 
 
