@@ -27,7 +27,7 @@ and each check's whole output is kept beside it (<output stem>.<check>.log).
                    losses and weights); skipped, with the reason, below 2 GPUs
   squad      60 s  bench_squad.bench_inference on CUDA in bf16, BERT-base at S 384: windows/s
                    padded to 384, padded to the batch's longest, packed; logits compared
-  serve      90 s  bench_serve.py --device cuda (Triton through PyTriton) where PyTriton,
+  serve      90 s  bench_serve.py --device cuda (PyTriton's tritonserver) where PyTriton,
                    tritonclient and numpy<2 are importable; else the serving engine in process
                    (serve/qa.QAEngine, what Triton's model function runs): rows/s padding-free
                    vs padded, batch 1/8/32, BERT-base at S 384, bf16
@@ -347,7 +347,9 @@ def triton_missing() -> str | None:
 def serve_triton(record: dict) -> None:
     cmd = [sys.executable, "benchmarks/bench_serve.py", "--device", DEVICE, "--precision",
            "bf16", "--shape", SERVE_SHAPE, "--sequence-length", str(SERVE_SEQUENCE_LENGTH),
-           "--mode", "async", "--requests", "50", "--rounds", "2"]
+           "--mode", "async", "--requests", "50", "--rounds", "2",
+           # serve's gpu_bf16 preset: one instance on the GPU, requests wait 2 ms for company.
+           "--model-instances", "1", "--max-queue-delay-us", "2000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []

@@ -94,6 +94,18 @@ def make_squad(num_paragraphs: int = 48, seed: int = 0, v2: bool = False) -> dic
 
 
 # ---------------------------------------------------------------- serving
+# A SQuAD-like paragraph (SQuAD's first Normans context): several windows at S 64.
+NORMANS = ("The Normans were the people who in the 10th and 11th centuries gave their name to "
+           "Normandy, a region in France. They were descended from Norse raiders and pirates "
+           "from Denmark, Iceland and Norway who, under their leader Rollo, agreed to swear "
+           "fealty to King Charles III of West Francia. Through generations of assimilation "
+           "and mixing with the native Frankish and Roman-Gaulish populations, their "
+           "descendants would gradually merge with the Carolingian-based cultures of West "
+           "Francia. The distinct cultural and ethnic identity of the Normans emerged "
+           "initially in the first half of the 10th century, and it continued to evolve over "
+           "the succeeding centuries.")
+
+
 def tiny_qa_model(path: Path, seed: int) -> Path:
     """A random tiny BertForQuestionAnswering (64/2/2) with bert-base-uncased tokenizer files,
     saved at `path`: the served / exported model of the serving tests."""

@@ -13,7 +13,7 @@ import pytest
 from bertforge.config.serve import WindowSection
 from bertforge.serve.bench import synthetic_rows
 from bertforge.serve.qa import PAD_LOGIT, QAEngine
-from support import tiny_qa_model
+from support import NORMANS, tiny_qa_model
 
 S = 64
 SPEC = WindowSection(sequence_length=S, doc_stride=16, max_query_length=16)
@@ -194,3 +194,118 @@ def test_runtime_choice(tmp_path):
     assert cfg(runtime="torch").model.engine_runtime() == "torch"
     with pytest.raises(ValueError, match="--runtime torch"):
         cfg(runtime="onnxruntime", precision="bf16")
+
+
+class FakePbUtils:
+    """The few names of Triton's `triton_python_backend_utils` that serve/backend.py uses, so
+    the python-backend glue runs without a server; `bert` calls (BLS) go to `engine`."""
+
+    def __init__(self, engine, bert_error=None):
+        pb = self
+
+        class TritonError:
+            INTERNAL, INVALID_ARG, UNAVAILABLE = "INTERNAL", "INVALID_ARG", "UNAVAILABLE"
+
+            def __init__(self, message, code=None):
+                self._message, self._code = message, code
+
+            def message(self):
+                return self._message
+
+            def code(self):
+                return self._code
+
+        class Tensor:
+            def __init__(self, name, array):
+                self.name, self.array = name, array
+
+            def as_numpy(self):
+                return self.array
+
+        class InferenceResponse:
+            def __init__(self, output_tensors=(), error=None):
+                self.output_tensors, self._error = output_tensors, error
+
+            def has_error(self):
+                return self._error is not None
+
+            def error(self):
+                return self._error
+
+        class InferenceRequest:
+            def __init__(self, model_name, inputs, requested_output_names):
+                assert model_name == "bert"
+                self.inputs = {t.name: t.array for t in inputs}
+
+            def exec(self):
+                pb.bert_calls.append(self.inputs["input_ids"].shape)
+                if bert_error is not None:
+                    return InferenceResponse(error=TritonError(bert_error, "UNAVAILABLE"))
+                start, end = engine.logits(*(self.inputs[n] for n in (
+                    "input_ids", "attention_mask", "token_type_ids")))
+                return InferenceResponse([Tensor("start_logits", start), Tensor("end_logits", end)])
+
+        self.TritonError, self.Tensor, self.InferenceResponse = TritonError, Tensor, InferenceResponse
+        self.InferenceRequest = InferenceRequest
+        self.bert_calls = []
+        self.logged = []
+        self.Logger = type("Logger", (), {"log_error": staticmethod(self.logged.append)})
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request[name]
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return next(t for t in response.output_tensors if t.name == name)
+
+
+def _qa_request(pb, question: bytes, context: bytes) -> dict:
+    return {n: pb.Tensor(n, np.array([[t]], dtype=object))
+            for n, t in (("question", question), ("context", context))}
+
+
+@pytest.mark.parametrize("bert_max_batch_size", [1, 8])
+def test_bert_qa_through_bls_answers_what_the_engine_answers(engine, bert_max_batch_size):
+    """The served and exported bert_qa: windows padded to S for `bert` (whose inputs are
+    [-1, S] when served), in calls of at most bert's max batch; answers equal the engine's."""
+    from bertforge.config.serve import RequestLimitsSection
+    from bertforge.serve import backend
+    pb = FakePbUtils(engine)
+    answerer = backend.BlsAnswerer(pb, engine.tokenizer, SPEC, bert_max_batch_size)
+    questions = [b"Who led the raiders?", b"Where is Normandy?"]
+    requests = [_qa_request(pb, q, c) for q, c in
+                zip(questions + [b"Who?"], [NORMANS.encode()] * 2 + [b"Rollo."])]
+    replies = backend.triton_execute(pb, requests, backend.QA_INPUTS,
+                                     lambda arrays: backend.run_qa(answerer, arrays,
+                                                                   RequestLimitsSection()))
+    want = engine.answer_many([q.decode() for q in questions] + ["Who?"],
+                              [NORMANS] * 2 + ["Rollo."])
+    for reply, a in zip(replies, want):
+        assert not reply.has_error()
+        got = {t.name: t.as_numpy() for t in reply.output_tensors}
+        assert got["answer"][0, 0].decode() == a.text and got["start"][0, 0] == a.start
+    assert all(shape[1] == S and shape[0] <= bert_max_batch_size for shape in pb.bert_calls)
+    assert len(pb.bert_calls) > 1 if bert_max_batch_size == 1 else True
+
+
+def test_python_backend_errors_are_one_line_with_their_code(engine):
+    from bertforge.config.serve import RequestLimitsSection
+    from bertforge.serve import backend
+    pb = FakePbUtils(engine, bert_error="Request timeout expired\nsecond line")
+    answerer = backend.BlsAnswerer(pb, engine.tokenizer, SPEC, 8)
+    run = lambda arrays: backend.run_qa(answerer, arrays, RequestLimitsSection())  # noqa: E731
+    bad_and_good = [_qa_request(pb, b"Who?", b"\xff"), _qa_request(pb, b"Who?", b"Rollo.")]
+    replies = backend.triton_execute(pb, bad_and_good, backend.QA_INPUTS, run)
+    # The bad request: its own client error; the good one: bert's error, with bert's code.
+    assert replies[0].error().code() == "INVALID_ARG"
+    assert "not valid UTF-8" in replies[0].error().message()
+    assert replies[1].error().code() == "UNAVAILABLE"
+    assert replies[1].error().message() == "bert: Request timeout expired"
+
+    def bug(arrays):
+        raise KeyError("/some/install/path")
+    replies = backend.triton_execute(pb, bad_and_good, backend.QA_INPUTS, bug)
+    assert [r.error().message() for r in replies] == ["internal error: KeyError"] * 2
+    assert [r.error().code() for r in replies] == ["INTERNAL"] * 2
+    assert "Traceback" in pb.logged[-1]  # the server log gets it, the client does not

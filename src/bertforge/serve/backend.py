@@ -60,6 +60,15 @@ def build_engine(cfg: ServeConfig):
                     padding_free=cfg.batching.padding_free, onnx=onnx)
 
 
+class BertError(RuntimeError):
+    """`bert`'s own error for a BLS request of bert_qa (Triton's message, e.g. a request
+    rejected for its time budget): passed on to bert_qa's clients with its code."""
+
+    def __init__(self, error):
+        super().__init__(f"bert: {error.message().splitlines()[0]}")
+        self.code = error.code()
+
+
 class BlsAnswerer:
     """QAEngine.answer_many with the logits from the repository's `bert` model, called through
     Triton's BLS from inside `bert_qa`'s stub, in calls of up to `max_batch_size` windows
@@ -71,13 +80,17 @@ class BlsAnswerer:
 
     def logits(self, input_ids, attention_mask, token_type_ids):
         pb = self.pb_utils
-        inputs = [pb.Tensor(n, np.ascontiguousarray(a, dtype=np.int32)) for n, a in
+        # Windows come padded to the batch's longest; the served `bert` takes [-1, S] only
+        # (the exported one any length): pad to S, which the padding-free engine never runs.
+        width = self.window.sequence_length - input_ids.shape[1]
+        inputs = [pb.Tensor(n, np.pad(a.astype(np.int32), ((0, 0), (0, width)))) for n, a in
                   zip(BERT_INPUTS, (input_ids, attention_mask, token_type_ids))]
         response = pb.InferenceRequest(model_name="bert", inputs=inputs,
                                        requested_output_names=list(BERT_OUTPUTS)).exec()
         if response.has_error():
-            raise RuntimeError(f"bert: {response.error().message()}")
-        return tuple(pb.get_output_tensor_by_name(response, n).as_numpy() for n in BERT_OUTPUTS)
+            raise BertError(response.error())
+        return tuple(pb.get_output_tensor_by_name(response, n).as_numpy()[:, :input_ids.shape[1]]
+                     for n in BERT_OUTPUTS)
 
     def answer_many(self, questions: list[str], contexts: list[str]):
         from bertforge.serve.qa import answer_questions
@@ -110,22 +123,24 @@ def settings_from_model_config(model_config: str) -> ServeConfig:
 
 @dataclass
 class Outcome:
-    """One request's reply: outputs by name, or the one-line error it gets."""
+    """One request's reply: outputs by name, or the one-line error it gets with its Triton
+    error code (None: INVALID_ARG, a client error)."""
 
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
+    code: object = None
 
 
 def triton_execute(pb_utils, requests, input_names, run) -> list:
     """A python-backend model's `execute`, shared by the served and exported models: Triton
     requests -> numpy arrays -> `run` (run_bert, run_qa) -> one response per request. Client
     errors answer INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); the python backend's default
-    would be INTERNAL (HTTP 500). A bug answers one line per request and logs its traceback
+    would be INTERNAL (HTTP 500). A failed BLS call of bert_qa answers bert's first line with
+    bert's code (Outcome.code). A bug answers one line per request and logs its traceback
     on the server only. `pb_utils` is passed in: it exists only inside the stub, and fills in
     TritonError's codes after the model file is loaded."""
-    def error(message: str, code: str):
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+    def error(message: str, code):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     arrays = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in input_names}
               for r in requests]
@@ -134,8 +149,10 @@ def triton_execute(pb_utils, requests, input_names, run) -> list:
     except Exception as err:  # noqa: BLE001 - a bug: one line to clients, traceback to the log
         import traceback
         pb_utils.Logger.log_error(traceback.format_exc())
-        return [error(f"internal error: {type(err).__name__}", "INTERNAL") for _ in requests]
-    return [error(o.error, "INVALID_ARG") if o.error is not None else
+        return [error(f"internal error: {type(err).__name__}", pb_utils.TritonError.INTERNAL)
+                for _ in requests]
+    return [error(o.error, pb_utils.TritonError.INVALID_ARG if o.code is None else o.code)
+            if o.error is not None else
             pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in o.outputs.items()])
             for o in outcomes]
 
@@ -204,8 +221,13 @@ def run_qa(engine, requests: list[dict[str, np.ndarray]],
         outcomes.append(Outcome())
         valid.append((k, questions, contexts))
     if valid:
-        answers = engine.answer_many([q for _, qs, _ in valid for q in qs],
-                                     [c for _, _, cs in valid for c in cs])
+        try:
+            answers = engine.answer_many([q for _, qs, _ in valid for q in qs],
+                                         [c for _, _, cs in valid for c in cs])
+        except BertError as err:  # bert's reason (e.g. its time budget), for the valid ones
+            for k, _, _ in valid:
+                outcomes[k] = Outcome(error=str(err), code=err.code)
+            return outcomes
         lo = 0
         for k, questions, _ in valid:
             mine = answers[lo:lo + len(questions)]
