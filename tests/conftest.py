@@ -54,6 +54,7 @@ TIERS = {
     "test_reference_presets": "unit", "test_reference_flags": "e2e",
     "test_wiki": "unit", "test_corpus": "unit",
     "test_serve_engine": "unit", "test_serve_export": "unit serve",
+    "test_serve_front": "unit serve",
     "test_demo": "e2e", "test_gpu": "e2e", "test_learning": "e2e learning", "test_package": "e2e",
     "test_pretrain": "e2e", "test_run_safety": "e2e", "test_squad_finetune": "e2e",
     "test_data_contract": "e2e",

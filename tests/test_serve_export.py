@@ -111,7 +111,12 @@ def test_served_repository(qa_dir, tmp_path, dynamic_batching):
     bert, qa = parse("bert"), parse("bert_qa")
     assert bert.max_batch_size == (16 if dynamic_batching else 1)
     assert bert.instance_group[0].count == qa.instance_group[0].count == 3
-    assert bert.HasField("dynamic_batching") == qa.HasField("dynamic_batching") == dynamic_batching
+    # Both get the queue budget (--request-timeout-ms, 30 s); without dynamic batching on a
+    # dynamic batcher that cannot merge (max batch 1, no delay).
+    for model in (bert, qa):
+        policy = model.dynamic_batching.default_queue_policy
+        assert policy.default_timeout_microseconds == 30_000_000
+        assert dynamic_batching or model.dynamic_batching.max_queue_delay_microseconds == 0
     served = settings_from_model_config(json.dumps(
         {"parameters": {k: {"string_value": v.string_value} for k, v in bert.parameters.items()}}))
     assert served.model.checkpoint_input_dir == str(qa_dir.resolve())

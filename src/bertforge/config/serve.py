@@ -89,6 +89,16 @@ class ServeBatchingSection(BatchingSection):
                                  "request row at a time, max batch 1, for comparison)")
     padding_free: bool = opt(True, "pack the batch's rows and trim their padding (false: run the "
                              "padded rows as sent, the stock path)")
+    # Triton's queue policy (REJECT after the timeout): without it an overloaded server queues
+    # requests without bound and a client waits until its own timeout (tritonclient.http's:
+    # 60 s), after which the server still runs the abandoned request. 30 s leaves a request
+    # that waited the whole budget half of that 60 s to run. Measured with a 50 ms budget:
+    # rejected requests were answered ~0.5 s after arrival (the queue is looked at between
+    # executions, here one long bert_qa execution), so the budget is a lower bound.
+    request_timeout_ms: int = opt(30_000, "longest a request may wait in a model's queue before "
+                                  "it is answered 'Request timeout expired' (HTTP 503 / gRPC "
+                                  "UNAVAILABLE) instead of run; 0: no limit. A client may ask "
+                                  "for less per request (Triton's request timeout)", ge=0)
 
 
 @dataclass
@@ -105,13 +115,20 @@ class RequestLimitsSection(Section):
 
 @dataclass
 class EndpointSection(Section):
-    """Where Triton listens, and how long a stop waits for in-flight requests."""
+    """Where the server listens, what its HTTP front accepts (serve/front.py), and how long a
+    stop waits for in-flight requests."""
 
     host: str = opt("127.0.0.1", "bind address (default: loopback only)", metavar="ADDRESS")
     http_port: int = opt(8000, "HTTP port", ge=1, le=65535)
     grpc_port: int = opt(8001, "gRPC port", ge=1, le=65535)
     metrics_port: int = opt(8002, "Prometheus metrics port", ge=1, le=65535)
     exit_timeout: int = opt(5, "seconds in-flight requests get when the server stops", ge=0)
+    # 16 MiB: a full bert_qa batch (8 rows at max batch 32) of 100k-character contexts is
+    # 9.6 MB even as JSON with every character escaped (\ud83d\ude00: 12 bytes); a [32, 384]
+    # x 3 bert batch is ~0.25 MB of JSON. Raise it with --max-batch-size or --max-context-chars.
+    max_request_bytes: int = opt(16 * 1024 * 1024, "largest HTTP request body (also once "
+                                 "gzip/deflate is inflated); a larger one is answered 413",
+                                 ge=1024)
 
     def check(self) -> None:
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port,

@@ -29,21 +29,48 @@ outside the vocab, non-0/1 masks, invalid UTF-8, empty text, and the size limits
 gets a one-line error, HTTP 400 / gRPC INVALID_ARGUMENT, and the valid requests merged into
 the same dynamic batch are run as usual. An unexpected exception answers "internal error"
 (500 / INTERNAL) and logs its traceback in the server log, never to the client.
-Not protected here (tritonserver 2.51 has no request size option): the HTTP/gRPC front end
-itself parses whatever arrives, so a JSON body announcing a huge shape ([1e9, 128]) or a
-deeply nested JSON document is Triton's to survive; put a proxy with a body limit in front
-of a public endpoint.
+Requests that crash tritonserver 2.51 itself (it has no request size option): over HTTP, a
+JSON body of ~100 bytes declaring shape [1000000000, 128] (Triton allocates the declared tensor:
+SIGABRT) or "data" nested 50,000 deep (SIGSEGV), also gzipped (Triton inflates without a
+limit). So the public --http-port is served by a front in this process (serve/front.py)
+that checks every request before tritonserver, listening on 127.0.0.1 only, sees it: body
+size (--max-request-bytes, default 16 MiB, also once inflated: 413), JSON nesting (32
+levels), and every declared input shape against what the request can hold (400); rejects
+use Triton's error shape {"error": "..."}, one line; everything else is forwarded as is.
+Cost, measured (benchmarks/bench_front.py, 2 cores shared by clients, front and server,
+batch-1 `bert`, keep-alive): +0.24 ms p50 at 1 client on the tiny model at S 64 (1.07 ->
+1.30 ms; 0.84x the direct throughput at 8 clients, 1,645 vs 1,979 requests/s) and +0.28 ms
+on the mini model at S 128 (6.6 -> 6.9 ms; 1.02x at 8 clients). gRPC needs no front:
+tritonserver checks batch size and byte sizes before allocating (huge shapes over raw or
+typed contents are INVALID_ARGUMENT), but it takes messages up to 2 GB (Triton sets gRPC's
+limit so, with no option to lower it; a 1.1 GB message was received, then rejected). gRPC
+and metrics are not behind the front: on a public --host keep them to trusted clients or
+behind a proxy with a message limit. Not checked either: Triton's non-inference HTTP APIs
+(model load, logging, trace settings, shared memory registration) are forwarded as Triton
+serves them.
+
+Time budget: a request waiting in a model's queue longer than --request-timeout-ms
+(default 30 s; 0: none) is answered "Request timeout expired" (HTTP 503 / gRPC UNAVAILABLE)
+instead of run (Triton's queue policy; a client may ask for less per request); bert_qa's
+windows that wait too long in bert's queue fail their question the same way ("bert: Request
+timeout expired"). The queue is looked at between executions, so the answer can come later
+than the budget (a 50 ms budget was answered after ~0.5 s behind long bert_qa runs). Without
+dynamic batching the models get a dynamic batcher of max batch 1 and no delay to carry it:
+still one request per execution.
 
 Operations. Start-up checks the three ports first (a taken port: one-line error naming it,
-exit 2, in about a second) and then watches tritonserver: if it exits while starting (a port
-taken meanwhile, a model that fails to load) serve exits 2 with tritonserver's own error
+exit 2, in about a second), holds the HTTP port for the front, picks tritonserver's internal
+HTTP port free on 127.0.0.1, and then watches tritonserver: if it exits while starting (a
+port taken meanwhile, a model that fails to load) serve exits 2 with tritonserver's own error
 line. Triton loads both models before it opens its endpoints, and runs with strict readiness:
-/v2/health/ready is true only with both loaded; the "serve: models ..." line is printed then.
-If tritonserver dies while serving, serve exits 1 with a line saying so. SIGINT and SIGTERM
-stop tritonserver (in-flight requests get --exit-timeout seconds) and exit 0; tritonserver
-runs in its own session and dies with this process (processes.die_with_parent), and its stubs
-with it. Binds --host (default 127.0.0.1). Prints each model's mean batch when it stops
-(Triton's statistics).
+/v2/health/ready is true only with both loaded; then the front starts accepting connections
+and the "serve: models ..." line is printed (it names the internal port, for debugging).
+If tritonserver dies or the front fails while serving, serve exits 1 with a line saying so.
+SIGINT and SIGTERM stop tritonserver (in-flight requests get --exit-timeout seconds, their
+answers still relayed by the front), then the front, and exit 0; tritonserver runs in its own
+session and dies with this process (processes.die_with_parent), and its stubs with it. Binds
+--host (default 127.0.0.1): the front, gRPC and metrics. Prints each model's mean batch when
+it stops (Triton's statistics).
 
 Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box its gain at 8
 clients over batch-1 serving is bounded by how much faster this CPU runs 8 rows than 1
@@ -106,10 +133,12 @@ QA_OUTPUT_TENSORS = [("answer", "TYPE_STRING", 1), ("score", "TYPE_FP32", 1),
 
 
 def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: list,
-                        max_queue_delay_us: int | None, settings: dict, instances: int = 1) -> str:
+                        max_queue_delay_us: int | None, settings: dict, instances: int = 1,
+                        request_timeout_us: int = 0) -> str:
     """config.pbtxt of a python-backend model: `instances` CPU instances (a CUDA --device is
     the engine's, inside the stub), `settings` as one JSON parameter, dynamic batching unless
-    `max_queue_delay_us` is None."""
+    `max_queue_delay_us` is None, and a queue policy rejecting a request that waited over
+    `request_timeout_us` (0: none)."""
     def tensors(specs):
         return ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}'
                            for n, t, d in specs)
@@ -118,8 +147,15 @@ def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: l
              "input [", tensors(inputs), "]", "output [", tensors(outputs), "]",
              f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]",
              f'parameters: {{ key: "{SETTINGS_PARAMETER}" value: {{ string_value: {value} }} }}']
-    if max_queue_delay_us is not None:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    # Only the dynamic batcher has a queue policy. Without dynamic batching (max_batch_size
+    # 1) one with no delay still merges nothing, as a 1-row batch holds one request
+    # (measured: 17 requests, 17 executions), so batch-1 serving keeps the budget too.
+    if max_queue_delay_us is not None or request_timeout_us:
+        policy = (" default_queue_policy { timeout_action: REJECT default_timeout_microseconds: "
+                  f"{request_timeout_us} allow_timeout_override: true }}"
+                  if request_timeout_us else "")
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: "
+                     f"{max_queue_delay_us or 0}{policy} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -130,16 +166,18 @@ def bert_config(cfg: ServeConfig) -> str:
         "bert", b.max_batch_size if b.dynamic_batching else 1,
         [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
         [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")],
-        b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat(), b.model_instances)
+        b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat(), b.model_instances,
+        b.request_timeout_ms * 1000)
 
 
 def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
                    limits: RequestLimitsSection, *, bert_max_batch_size: int,
-                   max_queue_delay_us: int | None, instances: int = 1) -> None:
+                   max_queue_delay_us: int | None, instances: int = 1,
+                   request_timeout_us: int = 0) -> None:
     """`bert_qa` at `path`, as served and as exported: model.py (python backend, calls `bert`
     through BLS in calls of up to `bert_max_batch_size` windows), the checkpoint's tokenizer
     files beside it, config.pbtxt with window and limits; dynamic batching unless
-    `max_queue_delay_us` is None."""
+    `max_queue_delay_us` is None, the queue budget `request_timeout_us` (0: none)."""
     from bertforge.data.vocab import save_tokenizer_files
     from bertforge.serve.backend import qa_settings
     from bertforge.train.checkpoint import resolve_checkpoint
@@ -150,7 +188,7 @@ def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
     max_batch_size = max(1, bert_max_batch_size // 4) if max_queue_delay_us is not None else 1
     (path / "config.pbtxt").write_text(python_model_config(
         "bert_qa", max_batch_size, QA_INPUT_TENSORS, QA_OUTPUT_TENSORS, max_queue_delay_us,
-        qa_settings(window, limits, bert_max_batch_size), instances))
+        qa_settings(window, limits, bert_max_batch_size), instances, request_timeout_us))
 
 
 def write_repository(cfg: ServeConfig, path: Path) -> Path:
@@ -164,7 +202,7 @@ def write_repository(cfg: ServeConfig, path: Path) -> Path:
     write_qa_model(path / "bert_qa", flat_cfg.model.checkpoint_input_dir, cfg.window, cfg.limits,
                    bert_max_batch_size=b.max_batch_size if b.dynamic_batching else 1,
                    max_queue_delay_us=b.max_queue_delay_us if b.dynamic_batching else None,
-                   instances=b.model_instances)
+                   instances=b.model_instances, request_timeout_us=b.request_timeout_ms * 1000)
     return path
 
 
@@ -187,12 +225,18 @@ class Executions:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Start tritonserver on a fresh repository, block until SIGINT/SIGTERM (exit 0) or until
-    tritonserver dies (SystemExit 1), then shut down cleanly."""
+    """Start tritonserver on a fresh repository and the HTTP front before it, block until
+    SIGINT/SIGTERM (exit 0) or until either dies (SystemExit 1), then shut down cleanly."""
+    from bertforge.serve.front import HttpFront, free_loopback_port, listen_socket
     from bertforge.serve.tritonserver import TritonProcess, python_backend
     check_runtime()
     end = cfg.server
     check_ports(end)
+    # The public HTTP port is the front's, held from here on; tritonserver's own HTTP endpoint
+    # listens on loopback only, where the front forwards the requests it let through.
+    listener = listen_socket(end.host, end.http_port)
+    internal_port = free_loopback_port()
+    front = HttpFront(listener, ("127.0.0.1", internal_port), end.max_request_bytes)
     stats = Executions()
 
     def on_stop(signum, frame):  # both end the serve loop the way Ctrl-C does
@@ -204,22 +248,28 @@ def serve(cfg: ServeConfig) -> None:
         triton = TritonProcess(write_repository(cfg, Path(tmp) / "models"),
                                python_backend(Path(tmp) / "backends"),
                                Path(tmp) / "tritonserver.log", host=end.host,
-                               http_port=end.http_port, grpc_port=end.grpc_port,
-                               metrics_port=end.metrics_port, exit_timeout=end.exit_timeout)
+                               http_host="127.0.0.1", http_port=internal_port,
+                               grpc_port=end.grpc_port, metrics_port=end.metrics_port,
+                               exit_timeout=end.exit_timeout)
         died = None
         try:
             triton.start()
             triton.wait_ready(MODEL_NAMES)
+            front.start()  # connections to the public port are accepted from now on
             batching = cfg.batching
-            print(f"serve: models bert, bert_qa on http://{end.host}:{end.http_port} and "
-                  f"grpc {end.host}:{end.grpc_port} (S={cfg.window.sequence_length}, max batch "
+            print(f"serve: models bert, bert_qa on http://{end.host}:{end.http_port} (tritonserver "
+                  f"behind it on 127.0.0.1:{internal_port}) and grpc {end.host}:{end.grpc_port} "
+                  f"(S={cfg.window.sequence_length}, max batch "
                   f"{batching.max_batch_size if batching.dynamic_batching else 1}, dynamic "
                   f"batching {'on' if batching.dynamic_batching else 'off'})", flush=True)
             while True:
                 try:
                     code = triton.proc.wait(timeout=1.0)
                 except subprocess.TimeoutExpired:
-                    continue
+                    if front.failure is None:
+                        continue
+                    died = f"serve: the HTTP front failed ({front.failure}); no longer serving"
+                    break
                 died = (f"serve: tritonserver exited unexpectedly (exit status {code}, "
                         f"{triton.exit_reason()}); no longer serving")
                 break
@@ -231,7 +281,9 @@ def serve(cfg: ServeConfig) -> None:
             if triton.proc is not None:
                 for model, (rows, executions) in triton.statistics().items():
                     stats.add(model, rows, executions)
-                triton.stop()
+                triton.stop()  # in-flight requests drain through the front, still up
+            front.stop()
+            listener.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     if died:

@@ -95,12 +95,16 @@ class TritonProcess:
     """A tritonserver on `repository`, started by `start`, watched and stopped from here."""
 
     def __init__(self, repository: Path, backends: Path, log: Path, *, host: str,
-                 http_port: int, grpc_port: int, metrics_port: int, exit_timeout: int):
+                 http_port: int, grpc_port: int, metrics_port: int, exit_timeout: int,
+                 http_host: str | None = None):
+        """Binds `host`, the HTTP endpoint `http_host` if given (`bertforge serve`: 127.0.0.1,
+        behind its HTTP front)."""
         self.log = log
-        self.http = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{http_port}"
+        http_host = http_host or host
+        self.http = f"http://{'127.0.0.1' if http_host == '0.0.0.0' else http_host}:{http_port}"
         self.command = [
             str(distribution() / "bin" / "tritonserver"), "--model-repository", str(repository),
-            "--backend-directory", str(backends), "--http-address", host,
+            "--backend-directory", str(backends), "--http-address", http_host,
             "--http-port", str(http_port), "--grpc-address", host, "--grpc-port", str(grpc_port),
             "--metrics-address", host, "--metrics-port", str(metrics_port),
             "--strict-readiness", "true", "--exit-on-error", "true",
