@@ -240,7 +240,8 @@ class FakePbUtils:
             def exec(self):
                 pb.bert_calls.append(self.inputs["input_ids"].shape)
                 if bert_error is not None:
-                    return InferenceResponse(error=TritonError(bert_error, "UNAVAILABLE"))
+                    # As the python backend hands BLS errors over: the code is lost.
+                    return InferenceResponse(error=TritonError(bert_error, "INTERNAL"))
                 start, end = engine.logits(*(self.inputs[n] for n in (
                     "input_ids", "attention_mask", "token_type_ids")))
                 return InferenceResponse([Tensor("start_logits", start), Tensor("end_logits", end)])
@@ -292,7 +293,7 @@ def test_bert_qa_through_bls_answers_what_the_engine_answers(engine, bert_max_ba
 def test_python_backend_errors_are_one_line_with_their_code(engine):
     from bertforge.config.serve import RequestLimitsSection
     from bertforge.serve import backend
-    pb = FakePbUtils(engine, bert_error="Request timeout expired\nsecond line")
+    pb = FakePbUtils(engine, bert_error="Request timeout expired\nsecond line")  # budget
     answerer = backend.BlsAnswerer(pb, engine.tokenizer, SPEC, 8)
     run = lambda arrays: backend.run_qa(answerer, arrays, RequestLimitsSection())  # noqa: E731
     bad_and_good = [_qa_request(pb, b"Who?", b"\xff"), _qa_request(pb, b"Who?", b"Rollo.")]

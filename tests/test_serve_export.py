@@ -76,6 +76,12 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     parsed = text_format.Parse(config, model_config_pb2.ModelConfig())
     assert parsed.name == "bert" and parsed.platform == "onnxruntime_onnx"
     assert parsed.max_batch_size == 16 and parsed.dynamic_batching.max_queue_delay_microseconds > 0
+    # The queue budget as served (--request-timeout-ms, 30 s), in both models.
+    for budgeted in (parsed, text_format.Parse((out / "bert_qa" / "config.pbtxt").read_text(),
+                                               model_config_pb2.ModelConfig())):
+        policy = budgeted.dynamic_batching.default_queue_policy
+        assert policy.default_timeout_microseconds == 30_000_000
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert [i.name for i in parsed.input] == list(INPUTS)
     assert [o.name for o in parsed.output] == list(OUTPUTS)
     assert all(list(t.dims) == [-1] for t in [*parsed.input, *parsed.output])

@@ -48,6 +48,16 @@ class BatchingSection(Section):
     model_instances: int = opt(1, "copies of each model (Triton's instance_group count), each "
                                "in its own process with 1/N of the CPU threads: more "
                                "throughput from many clients", ge=1)
+    # Triton's queue policy (REJECT after the timeout): without it an overloaded server queues
+    # requests without bound and a client waits until its own timeout (tritonclient.http's:
+    # 60 s), after which the server still runs the abandoned request. 30 s leaves a request
+    # that waited the whole budget half of that 60 s to run. Measured with a 50 ms budget:
+    # rejected requests were answered ~0.5 s after arrival (the queue is looked at between
+    # executions, here one long bert_qa execution), so the budget is a lower bound.
+    request_timeout_ms: int = opt(30_000, "longest a request may wait in a model's queue before "
+                                  "it is answered 'Request timeout expired' (HTTP 503 / gRPC "
+                                  "UNAVAILABLE) instead of run; 0: no limit. A client may ask "
+                                  "for less per request (Triton's request timeout)", ge=0)
 
 
 # ---------------------------------------------------------------- bertforge serve
@@ -75,7 +85,7 @@ class ServedModelSection(Section):
 
     def engine_runtime(self) -> str:
         """The runtime 'auto' stands for on this device and precision (measured fastest:
-        serve/qa.py)."""
+        serve/onnx_rows.py)."""
         if self.runtime != "auto":
             return self.runtime
         return "onnxruntime" if (self.device, self.precision) == ("cpu", "fp32") else "torch"
@@ -89,16 +99,6 @@ class ServeBatchingSection(BatchingSection):
                                  "request row at a time, max batch 1, for comparison)")
     padding_free: bool = opt(True, "pack the batch's rows and trim their padding (false: run the "
                              "padded rows as sent, the stock path)")
-    # Triton's queue policy (REJECT after the timeout): without it an overloaded server queues
-    # requests without bound and a client waits until its own timeout (tritonclient.http's:
-    # 60 s), after which the server still runs the abandoned request. 30 s leaves a request
-    # that waited the whole budget half of that 60 s to run. Measured with a 50 ms budget:
-    # rejected requests were answered ~0.5 s after arrival (the queue is looked at between
-    # executions, here one long bert_qa execution), so the budget is a lower bound.
-    request_timeout_ms: int = opt(30_000, "longest a request may wait in a model's queue before "
-                                  "it is answered 'Request timeout expired' (HTTP 503 / gRPC "
-                                  "UNAVAILABLE) instead of run; 0: no limit. A client may ask "
-                                  "for less per request (Triton's request timeout)", ge=0)
 
 
 @dataclass

@@ -64,9 +64,14 @@ class BertError(RuntimeError):
     """`bert`'s own error for a BLS request of bert_qa (Triton's message, e.g. a request
     rejected for its time budget): passed on to bert_qa's clients with its code."""
 
-    def __init__(self, error):
-        super().__init__(f"bert: {error.message().splitlines()[0]}")
-        self.code = error.code()
+    def __init__(self, error, pb_utils):
+        message = error.message().splitlines()[0]
+        super().__init__(f"bert: {message}")
+        # The python backend hands a BLS error over with its message but without Triton's
+        # code (INTERNAL); the queue budget's rejection is an overload, 503 / UNAVAILABLE, as
+        # Triton answers it to a client of bert.
+        self.code = (pb_utils.TritonError.UNAVAILABLE if message == "Request timeout expired"
+                     else error.code())
 
 
 class BlsAnswerer:
@@ -88,7 +93,7 @@ class BlsAnswerer:
         response = pb.InferenceRequest(model_name="bert", inputs=inputs,
                                        requested_output_names=list(BERT_OUTPUTS)).exec()
         if response.has_error():
-            raise BertError(response.error())
+            raise BertError(response.error(), pb)
         return tuple(pb.get_output_tensor_by_name(response, n).as_numpy()[:, :input_ids.shape[1]]
                      for n in BERT_OUTPUTS)
 

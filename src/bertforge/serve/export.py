@@ -36,6 +36,7 @@ import torch
 from bertforge.config.serve import ExportConfig
 from bertforge.files import atomic_output
 from bertforge.serve.qa import PAD_LOGIT
+from bertforge.serve.server import dynamic_batching, write_qa_model
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")
@@ -105,8 +106,9 @@ def check_onnx(model: torch.nn.Module, path: Path, sequence_length: int) -> floa
 
 
 def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int,
-                  instances: int = 1) -> str:
-    """config.pbtxt of the onnxruntime backend; -1 = dynamic sequence length. With several
+                  instances: int = 1, request_timeout_us: int = 0) -> str:
+    """config.pbtxt of the onnxruntime backend; -1 = dynamic sequence length; the queue
+    budget `request_timeout_us` as served (server.dynamic_batching). With several
     `instances`, each gets this machine's cores / instances intra-op threads (the backend's
     `intra_op_thread_count`; its default, every core per instance, oversubscribes the CPU):
     edit it for a serving machine with another core count."""
@@ -116,7 +118,7 @@ def triton_config(name: str, max_batch_size: int, max_queue_delay_us: int,
         f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
         "input [", ",\n".join(tensor(n, "TYPE_INT32") for n in INPUTS), "]",
         "output [", ",\n".join(tensor(n, "TYPE_FP32") for n in OUTPUTS), "]",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}",
+        dynamic_batching(max_queue_delay_us, request_timeout_us),
         f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
     if instances > 1:
         threads = max(1, torch.get_num_threads() // instances)
@@ -150,17 +152,18 @@ def run_export(cfg: ExportConfig) -> list[str]:
         config = output_dir / "bert" / "config.pbtxt"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(triton_config("bert", batching.max_batch_size,
-                                        batching.max_queue_delay_us, batching.model_instances))
+                                        batching.max_queue_delay_us, batching.model_instances,
+                                        batching.request_timeout_ms * 1000))
     export_onnx(model, onnx_path, sequence_length=seq, opset=e.opset)
     diff = check_onnx(model, onnx_path, seq)
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
              f"onnxruntime vs PyTorch: max abs diff {diff:.2e} on 3 x {seq} tokens"]
     if e.format == "triton-repo":
-        from bertforge.serve.server import write_qa_model
         write_qa_model(output_dir / "bert_qa", e.checkpoint_input_dir, e.window(), cfg.limits,
                        bert_max_batch_size=batching.max_batch_size,
                        max_queue_delay_us=batching.max_queue_delay_us,
-                       instances=batching.model_instances)
+                       instances=batching.model_instances,
+                       request_timeout_us=batching.request_timeout_ms * 1000)
         lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} and {output_dir / 'bert_qa'}"
                      f" (text in, answer out; needs bertforge in the server's Python) "
                      f"(tritonserver --model-repository {output_dir})")

@@ -45,9 +45,10 @@ tritonserver checks batch size and byte sizes before allocating (huge shapes ove
 typed contents are INVALID_ARGUMENT), but it takes messages up to 2 GB (Triton sets gRPC's
 limit so, with no option to lower it; a 1.1 GB message was received, then rejected). gRPC
 and metrics are not behind the front: on a public --host keep them to trusted clients or
-behind a proxy with a message limit. Not checked either: Triton's non-inference HTTP APIs
-(model load, logging, trace settings, shared memory registration) are forwarded as Triton
-serves them.
+behind a proxy with a message limit. Triton's APIs that change the server (model load and
+unload, log settings: a log file anywhere, trace settings, shared-memory registration) are
+locked on HTTP and gRPC behind a random header value nobody is told
+(serve/tritonserver.py ADMIN_APIS): 403 / UNAVAILABLE "This API is restricted".
 
 Time budget: a request waiting in a model's queue longer than --request-timeout-ms
 (default 30 s; 0: none) is answered "Request timeout expired" (HTTP 503 / gRPC UNAVAILABLE)
@@ -147,16 +148,20 @@ def python_model_config(name: str, max_batch_size: int, inputs: list, outputs: l
              "input [", tensors(inputs), "]", "output [", tensors(outputs), "]",
              f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]",
              f'parameters: {{ key: "{SETTINGS_PARAMETER}" value: {{ string_value: {value} }} }}']
-    # Only the dynamic batcher has a queue policy. Without dynamic batching (max_batch_size
-    # 1) one with no delay still merges nothing, as a 1-row batch holds one request
-    # (measured: 17 requests, 17 executions), so batch-1 serving keeps the budget too.
     if max_queue_delay_us is not None or request_timeout_us:
-        policy = (" default_queue_policy { timeout_action: REJECT default_timeout_microseconds: "
-                  f"{request_timeout_us} allow_timeout_override: true }}"
-                  if request_timeout_us else "")
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: "
-                     f"{max_queue_delay_us or 0}{policy} }}")
+        lines.append(dynamic_batching(max_queue_delay_us or 0, request_timeout_us))
     return "\n".join(lines) + "\n"
+
+
+def dynamic_batching(max_queue_delay_us: int, request_timeout_us: int) -> str:
+    """A config.pbtxt `dynamic_batching` block, with a queue policy rejecting a request that
+    waited over `request_timeout_us` (0: none). Only the dynamic batcher has a queue policy:
+    batch-1 serving (max_batch_size 1) gets one with no delay, which still merges nothing, as
+    a 1-row batch holds one request (measured: 17 requests, 17 executions)."""
+    policy = (" default_queue_policy { timeout_action: REJECT default_timeout_microseconds: "
+              f"{request_timeout_us} allow_timeout_override: true }}" if request_timeout_us
+              else "")
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us}{policy} }}"
 
 
 def bert_config(cfg: ServeConfig) -> str:

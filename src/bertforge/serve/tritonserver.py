@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,15 @@ def environment() -> dict[str, str]:
     return env
 
 
+# Triton's APIs that change or reach outside the server: load/unload models, the log file and
+# level (POST /v2/logging can point the log at any path the server may write), trace
+# settings, and shared-memory registration (maps a named /dev/shm region or CUDA memory of the
+# host). Restricted to requests carrying a header whose value is a fresh random token that is
+# never printed: no client, over HTTP or gRPC, can use them. Health, metadata, model config,
+# statistics and inference stay open.
+ADMIN_APIS = "model-repository,logging,trace,shared-memory"
+ADMIN_HEADER = "bertforge-admin"
+
 # Error lines a CPU machine always prints (no GPU driver): never the reason for an exit.
 NOISE = ("CUDA", "NVML", "cuda", "CudaDriver")
 
@@ -108,6 +118,8 @@ class TritonProcess:
             "--http-port", str(http_port), "--grpc-address", host, "--grpc-port", str(grpc_port),
             "--metrics-address", host, "--metrics-port", str(metrics_port),
             "--strict-readiness", "true", "--exit-on-error", "true",
+            "--http-restricted-api", f"{ADMIN_APIS}:{ADMIN_HEADER}={secrets.token_hex(16)}",
+            "--grpc-restricted-protocol", f"{ADMIN_APIS}:{ADMIN_HEADER}={secrets.token_hex(16)}",
             "--exit-timeout-secs", str(exit_timeout)]
         self.proc: subprocess.Popen | None = None
 
