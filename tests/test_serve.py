@@ -40,7 +40,7 @@ if int(np.__version__.split(".")[0]) >= 2:
 
 from bertforge.serve.bench import BenchConfig, run_bench, synthetic_rows  # noqa: E402
 from triton_stack import free_ports  # noqa: E402
-from support import alive, descendants, tiny_qa_model  # noqa: E402
+from support import NORMANS, alive, descendants, tiny_qa_model  # noqa: E402
 from bertforge.serve.server import ServeConfig, build_engine  # noqa: E402
 
 S = 64
@@ -48,15 +48,7 @@ WINDOW_FLAGS = ["--sequence-length", str(S), "--max-query-length", "16", "--doc-
 MAX_CONTEXT_CHARS, MAX_QUESTION_CHARS = 5000, 200
 LIMIT_FLAGS = ["--max-context-chars", str(MAX_CONTEXT_CHARS),
                "--max-question-chars", str(MAX_QUESTION_CHARS)]
-CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to "
-           "Normandy, a region in France. They were descended from Norse raiders and pirates "
-           "from Denmark, Iceland and Norway who, under their leader Rollo, agreed to swear "
-           "fealty to King Charles III of West Francia. Through generations of assimilation "
-           "and mixing with the native Frankish and Roman-Gaulish populations, their "
-           "descendants would gradually merge with the Carolingian-based cultures of West "
-           "Francia. The distinct cultural and ethnic identity of the Normans emerged "
-           "initially in the first half of the 10th century, and it continued to evolve over "
-           "the succeeding centuries.")
+CONTEXT = NORMANS  # several windows at S 64
 
 
 @pytest.fixture(scope="module")
@@ -460,6 +452,26 @@ def test_admin_apis_are_locked(server, protocol, tmp_path):
     assert not (tmp_path / "x").exists()
     assert client.is_model_ready("bert") and client.get_inference_statistics("bert")
     client.close()
+
+
+def test_bert_qa_without_dynamic_batching(qa_dir, engine, tmp_path):
+    """bert takes one row then, so bert_qa asks it one window at a time (BLS), each padded to
+    S (the served bert's inputs are [-1, S]): a one-window context shorter than S and a
+    several-window one are answered as in process."""
+    running = start_server(qa_dir, tmp_path / "serve.log", ("--no-dynamic-batching",))
+    try:
+        module, client = _client(running, "grpc")
+        questions, contexts = ["Who led them?", "Who was the leader of the Norse raiders?"], [
+            "Rollo led the Normans.", CONTEXT]
+        replies = [client.infer("bert_qa", _qa_inputs(module, [q.encode()], [c.encode()]))
+                   for q, c in zip(questions, contexts)]  # max batch 1: one row a request
+        client.close()
+    finally:
+        stop_and_check(running, signal.SIGTERM)
+    for reply, want in zip(replies, engine.answer_many(questions, contexts)):
+        assert reply.as_numpy("answer")[0, 0].decode() == want.text
+        assert int(reply.as_numpy("start")[0, 0]) == want.start
+    assert "bert_qa 2 rows in 2 executions" in running["log"].read_text()
 
 
 def test_a_burst_within_the_default_budget_is_served(server):
