@@ -98,6 +98,22 @@ def test_triton_repo_via_cli(qa_dir, tmp_path, capsys):
     assert settings["bert_max_batch_size"] == 16 and qa.instance_group[0].count == 2
 
 
+def test_one_instance_gets_no_queue_policy(qa_dir, tmp_path, capsys):
+    """tritonserver 2.51 stalls a single instance's queue policy: export writes none then,
+    and says so."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    out = tmp_path / "repo"
+    assert main(["export", "--checkpoint-input-dir", str(qa_dir), "--format", "triton-repo",
+                 "--output-dir", str(out), "--sequence-length", "24", "--doc-stride", "4",
+                 "--max-query-length", "8", "--model-instances", "1"]) == 0
+    for model in ("bert", "bert_qa"):
+        parsed = text_format.Parse((out / model / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert not parsed.dynamic_batching.HasField("default_queue_policy")
+    assert "no queue budget" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("dynamic_batching", [True, False])
 def test_served_repository(qa_dir, tmp_path, dynamic_batching):
     """`bertforge serve`'s repository: bert with the serve settings, bert_qa the exported

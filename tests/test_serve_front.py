@@ -366,7 +366,9 @@ def test_serve_writes_its_request_timeout_into_bert():
     from bertforge.serve.server import ServeConfig, bert_config
     for batching in (True, False):
         config = bert_config(ServeConfig(checkpoint_input_dir="model", request_timeout_ms=250,
-                                         dynamic_batching=batching))
+                                         dynamic_batching=batching, model_instances=2))
         assert "default_timeout_microseconds: 250000" in config
-    assert "queue_policy" not in bert_config(ServeConfig(checkpoint_input_dir="model",
-                                                         request_timeout_ms=0))
+    # No budget: asked for none, or one instance (Triton stalls its queue policy then).
+    for settings in ({"request_timeout_ms": 0, "model_instances": 2}, {"model_instances": 1}):
+        config = bert_config(ServeConfig(checkpoint_input_dir="model", **settings))
+        assert "queue_policy" not in config

@@ -153,7 +153,7 @@ def run_export(cfg: ExportConfig) -> list[str]:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(triton_config("bert", batching.max_batch_size,
                                         batching.max_queue_delay_us, batching.model_instances,
-                                        batching.request_timeout_ms * 1000))
+                                        batching.queue_budget_us()))
     export_onnx(model, onnx_path, sequence_length=seq, opset=e.opset)
     diff = check_onnx(model, onnx_path, seq)
     lines = [f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)",
@@ -163,8 +163,12 @@ def run_export(cfg: ExportConfig) -> list[str]:
                        bert_max_batch_size=batching.max_batch_size,
                        max_queue_delay_us=batching.max_queue_delay_us,
                        instances=batching.model_instances,
-                       request_timeout_us=batching.request_timeout_ms * 1000)
+                       request_timeout_us=batching.queue_budget_us())
         lines.insert(1, f"wrote {output_dir / 'bert' / 'config.pbtxt'} and {output_dir / 'bert_qa'}"
                      f" (text in, answer out; needs bertforge in the server's Python) "
                      f"(tritonserver --model-repository {output_dir})")
+        if batching.request_timeout_ms and not batching.queue_budget_us():
+            lines.append("no queue budget (--request-timeout-ms) in config.pbtxt with one "
+                         "model instance: tritonserver 2.51 stalls a single instance's queue "
+                         "policy; give --model-instances 2 for one")
     return lines

@@ -57,7 +57,10 @@ windows that wait too long in bert's queue fail their question the same way ("be
 timeout expired"). The queue is looked at between executions, so the answer can come later
 than the budget (a 50 ms budget was answered after ~0.5 s behind long bert_qa runs). Without
 dynamic batching the models get a dynamic batcher of max batch 1 and no delay to carry it:
-still one request per execution.
+still one request per execution. The budget needs two or more model instances: with any
+queue policy tritonserver 2.51 holds a single instance's requests ~0.5 s at a time (10x less
+throughput, BatchingSection.queue_budget_us), so with one instance serve sets none and says
+so at start-up.
 
 Operations. Start-up checks the three ports first (a taken port: one-line error naming it,
 exit 2, in about a second), holds the HTTP port for the front, picks tritonserver's internal
@@ -172,7 +175,7 @@ def bert_config(cfg: ServeConfig) -> str:
         [(n, "TYPE_INT32", seq) for n in ("input_ids", "attention_mask", "token_type_ids")],
         [(n, "TYPE_FP32", seq) for n in ("start_logits", "end_logits")],
         b.max_queue_delay_us if b.dynamic_batching else None, cfg.to_flat(), b.model_instances,
-        b.request_timeout_ms * 1000)
+        b.queue_budget_us())
 
 
 def write_qa_model(path: Path, checkpoint_dir: str, window: WindowSection,
@@ -207,7 +210,7 @@ def write_repository(cfg: ServeConfig, path: Path) -> Path:
     write_qa_model(path / "bert_qa", flat_cfg.model.checkpoint_input_dir, cfg.window, cfg.limits,
                    bert_max_batch_size=b.max_batch_size if b.dynamic_batching else 1,
                    max_queue_delay_us=b.max_queue_delay_us if b.dynamic_batching else None,
-                   instances=b.model_instances, request_timeout_us=b.request_timeout_ms * 1000)
+                   instances=b.model_instances, request_timeout_us=b.queue_budget_us())
     return path
 
 
@@ -267,6 +270,10 @@ def serve(cfg: ServeConfig) -> None:
                   f"(S={cfg.window.sequence_length}, max batch "
                   f"{batching.max_batch_size if batching.dynamic_batching else 1}, dynamic "
                   f"batching {'on' if batching.dynamic_batching else 'off'})", flush=True)
+            if batching.request_timeout_ms and not batching.queue_budget_us():
+                print("serve: no queue budget (--request-timeout-ms) with one model instance: "
+                      "tritonserver 2.51 stalls a single instance's queue policy; give "
+                      "--model-instances 2 for one", flush=True)
             while True:
                 try:
                     code = triton.proc.wait(timeout=1.0)
