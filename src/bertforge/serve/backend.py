@@ -80,6 +80,10 @@ class BlsAnswerer:
     (bert's own max batch)."""
 
     def __init__(self, pb_utils, tokenizer, window: WindowSection, max_batch_size: int):
+        # Imported here, while Triton loads the model: on the first question it took ~2 s
+        # (torch), which the first clients waited for.
+        from bertforge.serve.qa import answer_questions
+        self.answer_questions = answer_questions
         self.pb_utils, self.tokenizer = pb_utils, tokenizer
         self.window, self.max_batch_size = window, max_batch_size
 
@@ -98,9 +102,8 @@ class BlsAnswerer:
                      for n in BERT_OUTPUTS)
 
     def answer_many(self, questions: list[str], contexts: list[str]):
-        from bertforge.serve.qa import answer_questions
-        return answer_questions(questions, contexts, self.tokenizer, self.window, self.logits,
-                                max_batch_size=self.max_batch_size)
+        return self.answer_questions(questions, contexts, self.tokenizer, self.window,
+                                     self.logits, max_batch_size=self.max_batch_size)
 
 
 def qa_settings(window: WindowSection, limits: RequestLimitsSection,
