@@ -1,7 +1,7 @@
 """Serving throughput and latency: `bert` with and without dynamic batching, `bert_qa` end to end,
 in one run on the same model and requests.
 
-Starts `bertforge serve` three times on free loopback ports, on a random-init QA BERT of
+Starts `bertforge serve` three (five) times on free loopback ports, on a random-init QA BERT of
 --shape (mini: hidden 256, 4 layers; tiny: 64, 2; base: 768, 12) at S = --sequence-length,
 on --device (cpu, or cuda: benchmarks/gpu_check.py runs it so where PyTriton is installed):
   on          dynamic batching (max batch 32, --max-queue-delay-us), padding-free engine;
@@ -18,14 +18,17 @@ ort-*), so drift on a shared machine hits all of them alike; the ratios are per 
 their median is reported (an idle server takes 0.4% of a core). Then `bert_qa` questions/s
 with 4 clients on the first server (each question a SQuAD-sized context of ~150 words,
 answers checked against the in-process engine). Rows are synthetic: real lengths uniform in
-S/4..S, padded to S. Each server prints its mean batch when it stops.
-Floor: with 8 clients dynamic batching >= 2x the throughput of batch-1 serving on
-CPU; `on` vs `off` is that ratio with everything else equal, `on` vs `off-padded` adds what
+S/4..S, padded to S. Each server prints its mean batch when it stops. Every server, the
+stock stack's too, gets --model-instances and --max-queue-delay-us (default: serve's default
+preset, 2 and 0).
+Floor: with 8 clients dynamic batching >= 2x the throughput of batch-1 serving;
+`on` vs `off` is that ratio with everything else equal, `on` vs `off-padded` adds what
 the padding-free engine gives over stock batch-1 serving. Results: docs/benchmarks.md.
 
     python benchmarks/bench_serve.py [--shape mini] [--sequence-length 128] [--requests 100]
                                      [--rounds 3] [--mode sync|async] [--precision fp32|bf16]
-                                     [--onnxruntime] [--device cpu|cuda]
+                                     [--onnxruntime] [--torch-runtime] [--device cpu|cuda]
+                                     [--model-instances 2] [--max-queue-delay-us 0]
 Prints `bert batching: on|off|off-padded clients: N ... throughput: X samples/sec latency:
 p50 .. p99 Y ms` (all rounds together), the per-round ratios, `bert_qa throughput: X
 questions/sec`, and `dynamic batching speedup at 8 clients: X.XXx` (median of the rounds).
