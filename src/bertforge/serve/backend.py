@@ -35,17 +35,17 @@ SETTINGS_PARAMETER = "bertforge_serve_config"
 def build_engine(cfg: ServeConfig):
     """The QAEngine of `cfg`'s checkpoint, window shape and batching (values checked by the
     config's sections; only what needs the model, its position table, is checked here)."""
+    import torch
+
     from bertforge.serve.qa import QAEngine, load_qa_checkpoint
     m, w = cfg.model, cfg.window
     if m.device == "cuda":
-        import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     model, tokenizer = load_qa_checkpoint(m.checkpoint_input_dir, m.device, m.precision)
     if w.sequence_length > model.config.max_position_embeddings:
         raise ValueError(f"--sequence-length {w.sequence_length} exceeds the model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
-    import torch
     # Each of the --model-instances backend processes gets its share of the CPU threads
     # (two instances x 1 thread ran 1.7x the rows/s of one x 2 on 2 cores: small rows use a
     # second thread poorly, a second process fully).

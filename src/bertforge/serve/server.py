@@ -76,10 +76,13 @@ session and dies with this process (processes.die_with_parent), and its stubs wi
 --host (default 127.0.0.1): the front, gRPC and metrics. Prints each model's mean batch when
 it stops (Triton's statistics).
 
-Dynamic batching is the throughput lever on CPU as on GPU; on the 2-core dev box its gain at 8
-clients over batch-1 serving is bounded by how much faster this CPU runs 8 rows than 1
+Dynamic batching pays where the hardware runs many rows faster than one: on a GPU, and on a
+CPU's bf16 matrix units (8 async clients: 2.3-2.5x batch-1 on the 2-core dev box). In fp32 on
+CPU a trimmed row already runs the cores at their peak, so batches only share the trip to
+the stub (1.2x); more model instances (--model-instances) are the lever there
 (benchmarks/bench_serve.py; docs/benchmarks.md). A lone request waits --max-queue-delay-us
-for company: 0 suits one client at a time. The stub needs numpy<2 (with numpy 2 every output
+for company (the default preset: 0; under load batches form from the queue anyway). The
+stub needs numpy<2 (with numpy 2 every output
 tensor arrived empty); checked up front. Configuration: ServeConfig (bertforge.config.serve;
 presets in presets/serve.yml), whose sections have already checked every value.
 """
