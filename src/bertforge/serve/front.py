@@ -435,18 +435,20 @@ class HttpFront:
                 up[1].close()
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), not yet listening: the port is held from start-up,
-    connections are accepted once the front starts (after the models are ready)."""
+def listen_socket(host: str, port: int, flag: str = "--http-port") -> socket.socket:
+    """A socket bound to (host, port), not yet listening (the front's: the port is held from
+    start-up, connections are accepted once the models are ready); ValueError naming `flag`
+    when the port cannot be bound."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # As tritonserver binds: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ValueError(f"port {port} (--http-port) on {host} is not available "
+        raise ValueError(f"port {port} ({flag}) on {host} is not available "
                          f"({err.strerror}); stop what holds it or choose another "
-                         "--http-port") from None
+                         f"{flag}") from None
     return sock
 
 

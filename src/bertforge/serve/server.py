@@ -92,7 +92,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -117,20 +116,19 @@ def check_runtime() -> None:
                          f"{np.__version__}; outputs would come back empty): pip install 'numpy<2'")
 
 
-def check_ports(end: EndpointSection) -> None:
-    """Raise ValueError naming the first of the three ports that cannot be bound on --host:
-    in a second, where tritonserver would find out only after loading both models."""
-    for flag, port in (("--http-port", end.http_port), ("--grpc-port", end.grpc_port),
-                       ("--metrics-port", end.metrics_port)):
-        with socket.socket(socket.AF_INET6 if ":" in end.host else socket.AF_INET) as s:
-            # As tritonserver binds: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((end.host, port))
-            except OSError as err:
-                raise ValueError(f"port {port} ({flag}) on {end.host} is not available "
-                                 f"({err.strerror}); stop what holds it or choose another "
-                                 f"{flag}") from None
+def check_ports(end: EndpointSection):
+    """The front's socket, bound to --http-port and held from here on, once --grpc-port and
+    --metrics-port could be bound too; ValueError naming the first port that cannot be: in a
+    second, where tritonserver would find out only after loading both models."""
+    from bertforge.serve.front import listen_socket
+    listener = listen_socket(end.host, end.http_port)
+    try:
+        for flag, port in (("--grpc-port", end.grpc_port), ("--metrics-port", end.metrics_port)):
+            listen_socket(end.host, port, flag).close()
+    except ValueError:
+        listener.close()
+        raise
+    return listener
 
 
 # bert_qa's tensors (served and exported): BYTES [-1, 1] in, answer, score, span out.
@@ -238,14 +236,13 @@ class Executions:
 def serve(cfg: ServeConfig) -> None:
     """Start tritonserver on a fresh repository and the HTTP front before it, block until
     SIGINT/SIGTERM (exit 0) or until either dies (SystemExit 1), then shut down cleanly."""
-    from bertforge.serve.front import HttpFront, free_loopback_port, listen_socket
+    from bertforge.serve.front import HttpFront, free_loopback_port
     from bertforge.serve.tritonserver import TritonProcess, python_backend
     check_runtime()
     end = cfg.server
-    check_ports(end)
     # The public HTTP port is the front's, held from here on; tritonserver's own HTTP endpoint
     # listens on loopback only, where the front forwards the requests it let through.
-    listener = listen_socket(end.host, end.http_port)
+    listener = check_ports(end)
     internal_port = free_loopback_port()
     front = HttpFront(listener, ("127.0.0.1", internal_port), end.max_request_bytes)
     stats = Executions()
