@@ -58,12 +58,15 @@ def test_demo_tiny_128_memorises_a_small_sample(preprocessed_sample, tmp_path):
 @pytest.mark.parametrize("seed", [5, 1])
 def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki_sample):
     """The demo's recipe on the real sample: held-out MLM accuracy at least twice what
-    predicting the most frequent token scores, within 300 steps, for the presets' seed 5 and
-    another. Before the MLM bias started at the prior (it started at zero), seed 5 sat at that
-    baseline (0.048 after 300 steps; measured with these shards: 0.111-0.114 for seeds 1, 2, 5
-    with the fix, docs/benchmarks.md "Learning parity"). It also checks --target-mlm-accuracy:
-    the run stops at the first evaluation at or above the target, with the checkpoint there.
-    About 40-60 s per seed on 2 idle cores."""
+    predicting the most frequent token scores, within a 400-step schedule, for the presets'
+    seed 5 and another. Before the MLM bias started at the prior (it started at zero), seed 5
+    sat at that baseline (0.048 after 300 steps). With the fix, on these shards (baseline
+    0.0468, target 0.0936; the vocab is reproducible, so these are the shards every run
+    gets): 0.107-0.110 at step 400 for seeds 1, 2, 3, 5 and the target first met at step 250
+    (0.099-0.101). A 300-step schedule ended at 0.095-0.098, too close to the bar: it failed
+    once in CI when the vocab was still a random draw (baseline 0.0489). It also checks
+    --target-mlm-accuracy: the run stops at the first evaluation at or above the target, with
+    the checkpoint there. About 25-30 s per seed on 2 idle cores."""
     data = prepare_sample_shards(tmp_path / "data", log=lambda line: None)
     baseline, _ = most_frequent_token_accuracy(data.heldout_files)
     assert 0.03 < baseline < 0.07, baseline
@@ -71,7 +74,7 @@ def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki
     cfg = load_config(DEMO_PRESET, {
         "input_files": [str(f) for f in data.train_files],
         "eval_files": [str(f) for f in data.heldout_files], "tokenizer": str(data.vocab_file),
-        "training_steps": 300, "eval_every": 50, "target_mlm_accuracy": target,
+        "training_steps": 400, "eval_every": 50, "target_mlm_accuracy": target,
         "checkpoint_steps": 50,  # the stop step is a checkpoint step too: saved once
         "random_seed": seed, "checkpoint_output_dir": str(tmp_path / "run"),
         "dataloader_workers": 0, "disable_progress_bar": True, "device": "cpu"})
@@ -80,4 +83,4 @@ def test_a_few_hundred_steps_learn_context_on_held_out_text(seed, tmp_path, wiki
     assert reached is not None, f"held-out mlm_acc {result.eval['mlm_acc']:.4f} < {target:.4f}"
     assert reached["mlm_acc"] >= target and reached["step"] % 50 == 0
     assert result.final_checkpoint == tmp_path / "run" / f"step_{reached['step']}"
-    assert len(result.history) == reached["step"] <= 300
+    assert len(result.history) == reached["step"] < 400

@@ -4,11 +4,13 @@ transformers' BertTokenizerFast, checkpoint tokenizer files, and WordPiece vocab
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from tokenizers import Tokenizer
 
 from bertforge.cli import main
 from bertforge.data.vocab import (SPECIAL_TOKENS, default_vocab_file, load_tokenizer,
@@ -119,6 +121,30 @@ def test_train_vocab(preprocessed_sample, tmp_path):
     tok = load_tokenizer(vocab_file=path)
     ids = tok.encode("The history of the country is long.").ids
     assert tok.token_to_id("[UNK]") not in ids
+
+
+def test_train_vocab_is_reproducible_across_processes(preprocessed_sample, tmp_path):
+    """The same corpus gives the same vocab.txt in every process. tokenizers' trainer alone
+    numbers "##x" tokens in hash-map order (random per process) and breaks merge ties by those
+    ids: 6 runs of it alone on this corpus gave 6 different vocabs."""
+    corpus = sorted(preprocessed_sample.rglob("*.txt"))[:3]
+    script = ("import sys; from pathlib import Path; "
+              "from bertforge.data.vocab import train_vocab; "
+              "train_vocab([Path(p) for p in sys.argv[2:]], 3000, Path(sys.argv[1]))")
+    outputs = []
+    for run in range(3):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-c", script, str(out), *map(str, corpus)], check=True,
+                       env={**os.environ, "BERTFORGE_NO_PROGRESS": "1"})
+        outputs.append((out / "vocab.txt").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    vocab = outputs[0].decode().split("\n")[:-1]
+    assert vocab[:5] == list(SPECIAL_TOKENS) and len(vocab) == 3000
+    # tokenizer.json is the vocab's own tokenizer: no "##x" added tokens from the pinning.
+    saved = Tokenizer.from_file(str(tmp_path / "run0" / "tokenizer.json"))
+    assert saved.get_vocab(with_added_tokens=False) == {t: i for i, t in enumerate(vocab)}
+    assert saved.encode("x ##e").tokens == load_tokenizer(tmp_path / "run0" / "vocab.txt"
+                                                          ).encode("x ##e").tokens
 
 
 def test_train_vocab_errors(tmp_path):
