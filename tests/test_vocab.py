@@ -4,6 +4,7 @@ transformers' BertTokenizerFast, checkpoint tokenizer files, and WordPiece vocab
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer
 
 from bertforge.cli import main
 from bertforge.data.vocab import (SPECIAL_TOKENS, default_vocab_file, load_tokenizer,
-                                  save_tokenizer_files, train_vocab)
+                                  save_tokenizer_files, train_vocab, vocab_sha256)
 
 
 def test_default_vocab_is_bert_base_uncased():
@@ -111,8 +112,11 @@ def test_save_tokenizer_files_loads_offline(tmp_path):
 
 
 def test_train_vocab(preprocessed_sample, tmp_path):
-    corpus = preprocessed_sample / "AA" / "wiki_02.txt"
-    path = train_vocab([corpus], vocab_size=2000, output_dir=tmp_path / "v")
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(preprocessed_sample / "AA" / "wiki_02.txt", corpus)
+    summary = train_vocab([corpus], vocab_size=2000, output_dir=tmp_path / "v")
+    path = tmp_path / "v" / "vocab.txt"
+    assert summary.line() == "vocab train: 1 files in, 2,000 tokens out; skipped: none"
     tokens = path.read_text(encoding="utf-8").split("\n")[:-1]
     assert tokens[:5] == list(SPECIAL_TOKENS)
     assert 500 < len(tokens) <= 2000 and len(set(tokens)) == len(tokens)
@@ -121,6 +125,19 @@ def test_train_vocab(preprocessed_sample, tmp_path):
     tok = load_tokenizer(vocab_file=path)
     ids = tok.encode("The history of the country is long.").ids
     assert tok.token_to_id("[UNK]") not in ids
+    # The output describes itself: what made it, and the vocab's hash as tokenize records it.
+    manifest = json.loads((tmp_path / "v" / ".bertforge-vocab.json").read_text())
+    assert manifest["params"]["vocab_size"] == 2000 and manifest["inputs"][0]["path"] == str(corpus.resolve())
+    assert manifest["data"]["tokenizer"]["vocab_sha256"] == vocab_sha256(path)
+    # Same corpus and settings: nothing is trained. Other settings, or the corpus changed in
+    # place: trained afresh.
+    written = path.stat().st_mtime_ns
+    again = train_vocab([corpus], vocab_size=2000, output_dir=tmp_path / "v")
+    assert again.stage == "vocab train (already complete)" and path.stat().st_mtime_ns == written
+    assert "1,500 tokens out" in train_vocab([corpus], 1500, tmp_path / "v").line()
+    assert len(path.read_text().split("\n")) == 1501
+    corpus.write_text(corpus.read_text()[: len(corpus.read_text()) // 2])
+    assert "already complete" not in train_vocab([corpus], 1500, tmp_path / "v").stage
 
 
 def test_train_vocab_is_reproducible_across_processes(preprocessed_sample, tmp_path):

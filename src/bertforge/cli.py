@@ -66,10 +66,10 @@ def cmd_wiki_preprocess(cfg: WikiPreprocessConfig) -> int:
 def cmd_vocab_train(cfg: VocabTrainConfig) -> int:
     from bertforge.data.vocab import train_vocab
     v = cfg.vocab
-    path = train_vocab([Path(c) for c in v.corpus], vocab_size=v.vocab_size,
-                       output_dir=Path(v.output), lower_case=v.lower_case,
-                       min_frequency=v.min_frequency)
-    print(f"vocab train: wrote {path}")
+    summary = train_vocab([Path(c) for c in v.corpus], vocab_size=v.vocab_size,
+                          output_dir=Path(v.output), lower_case=v.lower_case,
+                          min_frequency=v.min_frequency)
+    print(f"{summary.line()} -> {Path(v.output) / 'vocab.txt'}")
     return 0
 
 

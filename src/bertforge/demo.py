@@ -60,9 +60,8 @@ def prepare_sample_shards(output_dir: Path, *, vocab_size: int = 8192, workers: 
     train_text, heldout_text = files[:-1], files[-1:]
     vocab_dir = output_dir / f"vocab{vocab_size}"
     vocab_file = vocab_dir / "vocab.txt"
-    if not vocab_file.exists():  # trained on training documents only: no held-out leak
-        train_vocab(train_text, vocab_size, vocab_dir)
-    log(f"[4/5] vocab: {vocab_file} ({vocab_size:,} WordPiece tokens trained on the training documents)")
+    # Trained on the training documents only: no held-out leak.
+    log("[4/5] " + train_vocab(train_text, vocab_size, vocab_dir).line() + f" -> {vocab_file}")
     tokenizer = load_tokenizer(vocab_file)
     shards = output_dir / f"shards{vocab_size}"
     out = []

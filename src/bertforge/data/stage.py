@@ -1,8 +1,8 @@
 """Habits shared by every data stage: manifests, skip-if-complete, counted skips, workers.
 
-Each stage (extract, preprocess, tokenize, pack, shuffle) skips outputs that are already
-complete on re-run, counts every dropped document/sentence/instance by reason, ends with a
-one-line summary and runs on all cores by default. Keeping those here lets each stage module
+Each stage (extract, preprocess, vocab, tokenize, pack, shuffle) skips outputs that are
+already complete on re-run, counts every dropped document/sentence/instance by reason, ends
+with a one-line summary and runs on all cores by default. Keeping those here lets each stage module
 hold only its algorithm (progress bars: bertforge/progress.py; write-then-rename outputs:
 bertforge/files.py).
 

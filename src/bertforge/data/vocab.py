@@ -21,13 +21,19 @@ checkpoint, so `AutoTokenizer.from_pretrained(checkpoint)` works offline.
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from bertforge.data import stage
+from bertforge.data.stage import Summary
 from bertforge.files import atomic_output
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# As in tokenizers' BertWordPieceTokenizer: rare scripts' characters become [UNK] rather than
+# each taking a slot of a small vocab.
+_LIMIT_ALPHABET = 1000
 # Package data (pyproject's package-data); the file beside it names its origin and licence.
 DEFAULT_VOCAB_FILE = (Path(__file__).resolve().parent.parent / "assets"
                       / "bert-base-uncased-vocab.txt")
@@ -153,9 +159,11 @@ def save_tokenizer_files(output_dir: Path, vocab_file: Path | None = None,
 
 
 def train_vocab(corpus: list[Path], vocab_size: int, output_dir: Path, lower_case: bool = True,
-                min_frequency: int = 2) -> Path:
+                min_frequency: int = 2) -> Summary:
     """Train a BERT WordPiece vocab on text files (or folders of them); write
-    output_dir/vocab.txt (ids 0-4: [PAD] [UNK] [CLS] [SEP] [MASK]) and tokenizer.json.
+    output_dir/vocab.txt (ids 0-4: [PAD] [UNK] [CLS] [SEP] [MASK]) and tokenizer.json, and
+    the stage manifest that says what made them (a re-run with the same corpus and settings
+    is "already complete"; other ones train afresh).
 
     Reproducible: the same corpus and settings give the same vocab.txt byte for byte, in any
     process. tokenizers' trainer (0.23) alone does not: it numbers the continuing-subword
@@ -172,13 +180,20 @@ def train_vocab(corpus: list[Path], vocab_size: int, output_dir: Path, lower_cas
     files = [str(f) for f in _corpus_files(corpus)]
     if sum(Path(f).stat().st_size for f in files) == 0:
         raise ValueError(f"the corpus ({', '.join(map(str, corpus))}) holds no text")
+    output_dir = Path(output_dir)
+    # format 2: the "##x" tokens pinned (format 1, unwritten, was the unpinned trainer).
+    params = {"vocab_size": vocab_size, "lower_case": lower_case,
+              "min_frequency": min_frequency, "limit_alphabet": _LIMIT_ALPHABET,
+              "trainer": f"tokenizers {version('tokenizers')}", "format": 2}
+    run = stage.begin(output_dir, "vocab", params, files, outputs=r"vocab\.txt|tokenizer\.json")
+    if run.done is not None:
+        return run.done
     alphabet_only = _train_wordpiece(files, 1, min_frequency, SPECIAL_TOKENS, lower_case)
     pinned = sorted(t for t in alphabet_only if t.startswith("##"))
     trained = _train_wordpiece(files, vocab_size, min_frequency, [*SPECIAL_TOKENS, *pinned],
                                lower_case)
     # As with the trainer alone, an alphabet larger than vocab_size is kept whole.
     ordered = sorted(trained, key=trained.__getitem__)
-    output_dir = Path(output_dir)
     path = output_dir / "vocab.txt"
     with atomic_output(path) as tmp:
         tmp.write_text("".join(t + "\n" for t in ordered), encoding="utf-8")
@@ -186,16 +201,20 @@ def train_vocab(corpus: list[Path], vocab_size: int, output_dir: Path, lower_cas
     # pinned "##x" tokens as added special tokens (it would match "##e" in raw text).
     with atomic_output(output_dir / "tokenizer.json") as tmp:
         _wordpiece_tokenizer(read_vocab(path), lower_case).save(str(tmp))
-    return path
+    summary = Summary("vocab train")
+    summary.counts.update({"files in": len(files), "tokens out": len(ordered)})
+    run.finish({path: len(ordered), output_dir / "tokenizer.json": None}, summary,
+               data={"tokenizer": {"vocab_sha256": vocab_sha256(path), "vocab_size": len(ordered),
+                                   "lower_case": lower_case}})
+    return summary
 
 
 def _train_wordpiece(files: list[str], vocab_size: int, min_frequency: int,
                      special_tokens, lower_case: bool) -> dict[str, int]:
     tokenizer = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lower_case)
-    # limit_alphabet=1000 as in tokenizers' BertWordPieceTokenizer: rare scripts' characters
-    # become [UNK] rather than each taking a slot of a small vocab.
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(special_tokens), limit_alphabet=1000,
+                                        special_tokens=list(special_tokens),
+                                        limit_alphabet=_LIMIT_ALPHABET,
                                         continuing_subword_prefix="##",
                                         show_progress=not os.environ.get("BERTFORGE_NO_PROGRESS"))
     tokenizer.train(files, trainer)
