@@ -2,9 +2,9 @@
 
 Each stage (extract, preprocess, vocab, tokenize, pack, shuffle) skips outputs that are
 already complete on re-run, counts every dropped document/sentence/instance by reason, ends
-with a one-line summary and runs on all cores by default. Keeping those here lets each stage module
-hold only its algorithm (progress bars: bertforge/progress.py; write-then-rename outputs:
-bertforge/files.py).
+with a one-line summary and runs on all cores by default. Keeping those here lets each stage
+module hold only its algorithm (progress bars: bertforge/progress.py; write-then-rename
+outputs: bertforge/files.py).
 
 Data describes itself: every stage leaves a manifest, `<output_dir>/.bertforge-<stage>.json`,
 holding the stage, its settings (`params`), its inputs' fingerprints (resolved path, size,

@@ -181,7 +181,7 @@ def train_vocab(corpus: list[Path], vocab_size: int, output_dir: Path, lower_cas
     if sum(Path(f).stat().st_size for f in files) == 0:
         raise ValueError(f"the corpus ({', '.join(map(str, corpus))}) holds no text")
     output_dir = Path(output_dir)
-    # format 2: the "##x" tokens pinned (format 1, unwritten, was the unpinned trainer).
+    # format 2: the "##x" tokens pinned (the unpinned trainer before it wrote no manifest).
     params = {"vocab_size": vocab_size, "lower_case": lower_case,
               "min_frequency": min_frequency, "limit_alphabet": _LIMIT_ALPHABET,
               "trainer": f"tokenizers {version('tokenizers')}", "format": 2}
