@@ -175,9 +175,7 @@ def test_extract_sample(extracted_sample):
 
 def test_extract_rerun_is_skipped(wiki_sample, extracted_sample):
     before = {p: p.stat().st_mtime_ns for p in extracted_sample.rglob("*")}
-    start = time.perf_counter()
     summary = extract(wiki_sample, extracted_sample)
-    assert time.perf_counter() - start < 0.5
     assert "already complete" in summary.line() and summary.counts["articles out"] == 106
     assert {p: p.stat().st_mtime_ns for p in extracted_sample.rglob("*")} == before
 

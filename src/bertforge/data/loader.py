@@ -32,7 +32,7 @@ an embedding or a gather, naming no file; here the error names the file, the rec
 within it and the feature. The check is one unsigned max() per feature (a negative int64 seen
 as uint64 is above any bound): 13-14 us per 32 x 128 batch of BERT records (6 int64 features)
 against 0.62-0.77 ms (best-median of 100) to read, decode and check it, shuffled: ~2%, on one
-core of the shared 2-core dev machine.
+core of the shared 2-core dev machine (benchmarks/bench_loader.py: 2.2-2.4%).
 
 What the shards hold is checked here too, before a run starts: `record_kind` reads one record
 per file (unpacked, packed, or the reference packer's), `check_inputs` refuses mixed kinds or a
