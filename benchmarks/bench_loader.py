@@ -55,8 +55,7 @@ def main() -> None:
     records = [encode_example({k: v[i] for k, v in ints.items()},
                               {"masked_lm_weights": np.ones(MASKS, np.float32)})
                for i in range(BATCH)]
-    decoded = decode_examples([encode_example({k: v[i] for k, v in ints.items()})
-                               for i in range(BATCH)])
+    decoded = decode_examples(records)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "base.tfrecord"
         with RecordWriter(path) as writer:

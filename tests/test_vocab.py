@@ -173,6 +173,10 @@ def test_train_vocab_errors(tmp_path):
         train_vocab([tmp_path / "empty.txt"], vocab_size=100, output_dir=tmp_path / "v")
     with pytest.raises(ValueError, match="too small"):
         train_vocab([tmp_path / "empty.txt"], vocab_size=3, output_dir=tmp_path / "v")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Cats sit on mats.\n")
+    with pytest.raises(ValueError, match="inside the corpus folder"):
+        train_vocab([tmp_path / "corpus"], vocab_size=100, output_dir=tmp_path / "corpus" / "v")
 
 
 def test_cli_vocab_train(tmp_path, capsys):

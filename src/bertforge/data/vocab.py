@@ -181,6 +181,10 @@ def train_vocab(corpus: list[Path], vocab_size: int, output_dir: Path, lower_cas
     if sum(Path(f).stat().st_size for f in files) == 0:
         raise ValueError(f"the corpus ({', '.join(map(str, corpus))}) holds no text")
     output_dir = Path(output_dir)
+    for entry in map(Path, corpus):
+        if entry.is_dir() and output_dir.resolve().is_relative_to(entry.resolve()):
+            raise ValueError(f"--output {output_dir} is inside the corpus folder {entry}: its "
+                             "vocab.txt would be read as text; give an output folder outside it")
     # format 2: the "##x" tokens pinned (the unpinned trainer before it wrote no manifest).
     params = {"vocab_size": vocab_size, "lower_case": lower_case,
               "min_frequency": min_frequency, "limit_alphabet": _LIMIT_ALPHABET,
