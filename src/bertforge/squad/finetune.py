@@ -288,6 +288,7 @@ class SquadTask(Task):
 def squad(cfg: SquadConfig) -> SquadResult:
     """Resolve `cfg` for this process group and run it; the entry point of `bertforge squad`."""
     ctx = init_distributed(cfg.train.device)
+    engine = None
     try:
         cfg = cfg.resolve(ctx.world_size)
         task = SquadTask(cfg)
@@ -314,4 +315,6 @@ def squad(cfg: SquadConfig) -> SquadResult:
                 logger.close()
         return result
     finally:
+        if engine is not None:
+            engine.close()  # before the process group goes: distributed._WRAPPERS says why
         shutdown(ctx, together=sys.exc_info()[0] is None)  # no exception on this rank

@@ -8,8 +8,12 @@ NCCL on CUDA, gloo on CPU. Rank 0 alone logs and writes (`is_main`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
+import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +22,18 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Why the process group's teardown needs care (a hang at exit, 1 run in 35-100 of SQuAD's
+# 2-rank test in CI): gloo's worker threads free each finished collective after the caller
+# has moved on, and that free can need the GIL (a tensor or thread-local state made in
+# Python). The group's destructor joins those threads. When a Python handle of the group
+# drops the last reference, the binding releases the GIL first: safe. When DDP's reducer
+# drops it, the GIL stays held while joining: a deadlock. So no DDP wrapper may outlive the
+# group's Python handles: `wrap_model` records its wrappers, the engine drops them before
+# `shutdown`, and `shutdown` parks the handle until exit when one is still alive.
+_WRAPPERS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_PARKED: list[object] = []
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,9 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    wrapper = DistributedDataParallel(model, device_ids=ids)
+    _WRAPPERS.add(wrapper)  # see _WRAPPERS: it must be gone before the group's last handle
+    return wrapper
 
 
 def sync_gradients(model: torch.nn.Module, last_micro_step: bool):
@@ -104,15 +122,28 @@ def on_main(ctx: DistContext, fn: Callable[[], T], what: str) -> T | None:
 
 def shutdown(ctx: DistContext, together: bool = True) -> None:
     """Leave the process group; `together` (the run ended normally on every rank) after a
-    barrier. Not after a failure: a rank that failed alone would wait there for ranks that
-    are stuck in another collective, instead of exiting so that torchrun stops them. The
-    barrier: gloo's worker thread frees each
-    finished collective's tensors after the caller has moved on, and freeing a tensor made in
-    Python needs the GIL; if the group is destroyed meanwhile (DDP's reducer dropping the last
-    reference), its destructor joins that thread while holding the GIL: a deadlock (seen with
-    an all_reduce of a Python-made flag as the last collective). A barrier's work holds no
-    Python tensor, and the thread frees earlier works before it runs the barrier."""
-    if ctx.is_distributed and dist.is_initialized():
-        if together:
-            dist.barrier()
-        dist.destroy_process_group()
+    barrier, so that the ranks leave at once. Not after a failure: a rank that failed alone
+    would wait there for ranks that are stuck in another collective, instead of exiting so
+    that torchrun stops them. The last reference to the group goes here, through a Python
+    handle, once no DDP wrapper is left (see _WRAPPERS); else at exit."""
+    if not (ctx.is_distributed and dist.is_initialized()):
+        return
+    group = dist.group.WORLD  # this handle outlives the registry's: it is the last one
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()  # wrappers in reference cycles go now, while `group` still holds the group
+    if len(_WRAPPERS):
+        if not _PARKED:
+            atexit.register(_release_parked)
+        _PARKED.append(group)
+        log.debug("a DDP wrapper outlives the process group: its handle is kept until exit")
+    # leaving here drops `group`: the group's destructor runs without the GIL
+
+
+def _release_parked() -> None:
+    """At exit, while the interpreter still runs: collect what is left, then drop the parked
+    handles (each the group's last reference unless a wrapper is still reachable)."""
+    gc.collect()
+    if not len(_WRAPPERS):
+        _PARKED.clear()

@@ -238,6 +238,11 @@ class Engine:
             log.warning("--compile on a CPU: measured 0.82x eager for demo_tiny_128 plus 6-20 s "
                         "of compilation (docs/benchmarks.md); it pays on GPUs")
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (and its compiled form) before the process group goes:
+        distributed._WRAPPERS says why."""
+        self.ddp_model = self.forward = None
+
     # ------------------------------------------------------------ the run
     def train(self, result: TrainResult, logger: MetricsLogger | None) -> TrainResult:
         """The task's training steps, checkpoints and evaluations, into `result`."""

@@ -375,6 +375,7 @@ def _check_vocab(cfg: PretrainConfig, data_vocab: dict) -> str | None:
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Resolve `cfg` for this process group and train; the entry point of `bertforge pretrain`."""
     ctx = init_distributed(cfg.train.device)
+    engine = None
     try:
         vocab = data_tokenizer(cfg)
         cfg = cfg.resolve(ctx.world_size, data_packing_factor(cfg.data))
@@ -390,4 +391,6 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
             if logger is not None:
                 logger.close()
     finally:
+        if engine is not None:
+            engine.close()  # before the process group goes: distributed._WRAPPERS says why
         shutdown(ctx, together=sys.exc_info()[0] is None)  # no exception on this rank
