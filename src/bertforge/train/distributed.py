@@ -24,14 +24,15 @@ import torch.distributed as dist
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Why the process group's teardown needs care (a hang at exit, 1 run in 35-100 of SQuAD's
-# 2-rank test in CI): gloo's worker threads free each finished collective after the caller
-# has moved on, and that free can need the GIL (a tensor or thread-local state made in
-# Python). The group's destructor joins those threads. When a Python handle of the group
-# drops the last reference, the binding releases the GIL first: safe. When DDP's reducer
-# drops it, the GIL stays held while joining: a deadlock. So no DDP wrapper may outlive the
-# group's Python handles: `wrap_model` records its wrappers, the engine drops them before
-# `shutdown`, and `shutdown` parks the handle until exit when one is still alive.
+# Why the process group's teardown needs care (a hang at exit: seen in CI, and in 2 of 135
+# runs of SQuAD's 2-rank test on a 2-core machine): gloo's worker threads free each finished
+# collective after the caller has moved on, and that free can need the GIL (a tensor or
+# thread-local state made in Python). The group's destructor joins those threads. When a
+# Python handle of the group drops the last reference, the binding releases the GIL first:
+# safe. When DDP's reducer drops it, the GIL stays held while joining: a deadlock. So no DDP
+# wrapper may outlive the group's Python handles: `wrap_model` records its wrappers, the
+# engine drops them before `shutdown`, and `shutdown` parks the handle until exit when one is
+# still alive.
 _WRAPPERS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _PARKED: list[object] = []
 
@@ -125,7 +126,8 @@ def shutdown(ctx: DistContext, together: bool = True) -> None:
     barrier, so that the ranks leave at once. Not after a failure: a rank that failed alone
     would wait there for ranks that are stuck in another collective, instead of exiting so
     that torchrun stops them. The last reference to the group goes here, through a Python
-    handle, once no DDP wrapper is left (see _WRAPPERS); else at exit."""
+    handle, once no DDP wrapper is left (see _WRAPPERS); else at exit. Cost: one full
+    garbage collection."""
     if not (ctx.is_distributed and dist.is_initialized()):
         return
     group = dist.group.WORLD  # this handle outlives the registry's: it is the last one
